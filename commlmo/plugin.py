@@ -1,0 +1,317 @@
+r"""Plugin contracts: the typed interfaces every LMO, compressor, aggregator and
+learning-rate rule implements.
+
+A plugin is a small class with
+
+* ``Config`` -- a frozen pydantic model with a ``kind`` literal and
+  ``extra="forbid"``; the plugin is built as ``cls(config)``;
+* ``capabilities`` -- what it promises, as data, so that incompatible
+  combinations are rejected when a config loads (never mid-step);
+* the family's methods below, with tensors in and tensors out.
+
+Plugin state (momentum, error-feedback buffers...) is never kept on the plugin
+object: it lives in tensors that the optimizer stores in ``optimizer.state`` so
+``state_dict()`` saves and restores it.
+
+Sign convention, stated once: :meth:`LMO.direction` returns
+``D = argmax_{||D|| <= 1} <G, D>`` (so ``<G, D> = ||G||_*``, the dual norm), and
+the parameter update *subtracts* ``lr * scale * D``.  In the notation of
+REFERENCE.md, ``LMO(G) = -direction(G)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+
+__all__ = [
+    "PluginConfig",
+    "Plugin",
+    "LMOCapabilities",
+    "LMO",
+    "LRRule",
+    "Payload",
+    "CompressorCapabilities",
+    "Compressor",
+    "AggregatorCapabilities",
+    "Aggregator",
+    "FAMILIES",
+    "as_matrix",
+]
+
+#: plugin family -> entry-point group
+FAMILIES: dict[str, str] = {
+    "lmo": "commlmo.lmos",
+    "compressor": "commlmo.compressors",
+    "aggregator": "commlmo.aggregators",
+    "lr_rule": "commlmo.lr_rules",
+}
+
+
+class PluginConfig(BaseModel):
+    """Base of every plugin's config: frozen, unknown fields rejected, tagged by ``kind``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: str
+
+
+class Plugin:
+    """Common base: holds the validated config.
+
+    Subclasses set ``Config`` (a :class:`PluginConfig` subclass whose ``kind`` is a
+    ``Literal`` of the registered name) and ``family``.
+    """
+
+    family: ClassVar[str]
+    Config: ClassVar[type[PluginConfig]]
+
+    def __init__(self, config: PluginConfig | None = None, **fields: Any):
+        if config is None:
+            kind = self.Config.model_fields["kind"].default
+            config = self.Config(**({"kind": kind} | fields))
+        elif fields:
+            raise TypeError(f"{type(self).__name__}: pass either a config or keyword fields, not both")
+        elif not isinstance(config, self.Config):
+            config = self.Config.model_validate(config)
+        self.config = config
+
+    @classmethod
+    def summary(cls) -> str:
+        """First line of the class docstring, shown by ``commlmo plugins``."""
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    @property
+    def kind(self) -> str:
+        return self.config.kind
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.config.model_dump().items() if k != "kind")
+        return f"{type(self).__name__}({fields})"
+
+
+def as_matrix(x: Tensor) -> Tensor:
+    """View a tensor with ``ndim >= 2`` as ``out x (in*kh*kw...)`` (conv kernels as matrices)."""
+    return x if x.ndim == 2 else x.reshape(x.shape[0], -1)
+
+
+# --------------------------------------------------------------------------- LMOs
+
+
+@dataclass(frozen=True)
+class LMOCapabilities:
+    """What an LMO accepts and what its step looks like.
+
+    ``min_ndim``/``max_ndim``: tensor ranks it accepts (``spectral`` needs a matrix,
+    conv kernels are viewed as ``out x in*kh*kw``).  ``elementwise``: the
+    direction of a coordinate depends only on that coordinate (``sign``), so it
+    may run on a shard.  ``step_family``: ``"sign"`` when every entry of the
+    direction is +-1 (SignMuon's learning-rate family), else ``"lmo"``.
+    """
+
+    min_ndim: int = 1
+    max_ndim: int | None = None
+    elementwise: bool = False
+    step_family: Literal["lmo", "sign"] = "lmo"
+
+    def accepts(self, ndim: int) -> bool:
+        return ndim >= self.min_ndim and (self.max_ndim is None or ndim <= self.max_ndim)
+
+
+class LMO(Plugin):
+    r"""Linear minimization oracle over the unit ball of a norm ``||.||``.
+
+    ``direction(G) = argmax_{||D|| <= 1} <G, D>``; ``<G, direction(G)> = dual_norm(G)``.
+    """
+
+    family: ClassVar[str] = "lmo"
+    capabilities: ClassVar[LMOCapabilities] = LMOCapabilities()
+
+    def direction(self, g: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """The unit-norm direction maximising ``<g, D>``; same shape as ``g``, never mutates ``g``."""
+        raise NotImplementedError
+
+    def directions(
+        self, gs: Sequence[Tensor], *, generator: torch.Generator | None = None
+    ) -> list[Tensor]:
+        """Directions of many tensors; LMOs that can batch same-shape inputs override this."""
+        return [self.direction(g, generator=generator) for g in gs]
+
+    def norm(self, d: Tensor) -> Tensor:
+        """The norm whose unit ball the LMO minimises over."""
+        raise NotImplementedError
+
+    def dual_norm(self, g: Tensor) -> Tensor:
+        """``||g||_* = max_{||D|| <= 1} <g, D>``."""
+        raise NotImplementedError
+
+
+class LRRule(Plugin):
+    r"""Per-layer learning-rate multiplier: the update is ``X -= lr * scale * S``.
+
+    Rules that only read the shape cost no communication.  Rules with
+    ``needs_dual_norm`` (Gluon) also receive ``||G||_*`` of the tensor the server
+    LMO was applied to.
+    """
+
+    family: ClassVar[str] = "lr_rule"
+    needs_dual_norm: ClassVar[bool] = False
+
+    def scale(
+        self,
+        shape: torch.Size,
+        *,
+        lmo: LMO | None,
+        step_family: Literal["lmo", "sign"],
+        dual_norm: float | None = None,
+        name: str = "",
+    ) -> float:
+        """Multiplier for a parameter of ``shape`` (``name`` is its qualified name)."""
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- compressors
+
+
+@dataclass
+class Payload:
+    """A compressed message.
+
+    ``wire`` are the tensors that cross the network (their dtype and size *are*
+    the cost); ``ctx`` is local metadata that never travels (shape, dtype,
+    device, indices derived from a shared seed...).  For the same parameter the
+    ``ctx`` must be identical on every rank, so a rank can decode another rank's
+    wire tensors with its own ``ctx``.
+    """
+
+    wire: tuple[Tensor, ...]
+    ctx: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.wire)
+
+
+@dataclass(frozen=True)
+class CompressorCapabilities:
+    """Declared contract of a compressor (checked by :mod:`commlmo.testing`).
+
+    * ``summable``: the elementwise sum of wire tensors decodes to the sum of
+      decoded messages (identity, shared-seed randk), so a dense all-reduce can
+      carry them;
+    * ``fixed_size``: wire sizes depend only on shape and dtype;
+    * ``unbiased``: ``E[C(x)] = x`` with variance ``omega`` (see ``Compressor.omega``);
+    * ``contractive``: ``||C(x) - x||^2 <= (1 - alpha)||x||^2`` (see ``Compressor.alpha``);
+    * ``sign_bits``: the wire is exactly one packed bit per entry, ``sign(x)``
+      (what majority vote needs);
+    * ``stochastic``: draws from the generator it is given;
+    * ``shared_randomness``: every rank must pass a generator in the same state
+      (randk's indices), otherwise each rank uses its own stream;
+    * ``downlink_only``: only meaningful as a downlink (``ef21p`` compresses the model).
+
+    A compressor whose contract depends on its config (``sign`` is contractive
+    only when scaled) exposes ``capabilities`` as a property.
+    """
+
+    summable: bool = False
+    fixed_size: bool = True
+    unbiased: bool = False
+    contractive: bool = False
+    sign_bits: bool = False
+    stochastic: bool = False
+    shared_randomness: bool = False
+    downlink_only: bool = False
+
+
+class Compressor(Plugin):
+    """Turns a tensor into a :class:`Payload` and back."""
+
+    family: ClassVar[str] = "compressor"
+    capabilities: ClassVar[CompressorCapabilities] = CompressorCapabilities()
+
+    def compress(self, x: Tensor, *, generator: torch.Generator | None = None) -> Payload:
+        raise NotImplementedError
+
+    def decompress(self, payload: Payload) -> Tensor:
+        raise NotImplementedError
+
+    def decompress_add_(self, target: Tensor, payload: Payload, *, alpha: float = 1.0) -> Tensor:
+        """``target += alpha * decompress(payload)`` in place; fused where the format allows."""
+        return target.add_(self.decompress(payload).to(target.dtype), alpha=alpha)
+
+    def wire_nbytes(self, shape: torch.Size, dtype: torch.dtype) -> int:
+        """Declared wire size in bytes for a tensor of this shape/dtype (fixed-size compressors)."""
+        raise NotImplementedError
+
+    def bits_per_entry(self, shape: torch.Size, dtype: torch.dtype) -> float:
+        """Declared cost in bits per entry: ``8 * wire_nbytes / numel``."""
+        n = math.prod(shape)
+        return 8.0 * self.wire_nbytes(shape, dtype) / max(n, 1)
+
+    def alpha(self, shape: torch.Size) -> float | None:
+        """Contraction parameter for this shape, or ``None`` if not contractive."""
+        return None
+
+    def omega(self, shape: torch.Size) -> float | None:
+        """Variance parameter ``E||C(x)-x||^2 <= omega ||x||^2`` if unbiased, else ``None``."""
+        return None
+
+
+# --------------------------------------------------------------------------- aggregators
+
+
+@dataclass(frozen=True)
+class AggregatorCapabilities:
+    """What an aggregator needs from the uplink compressor and the process group.
+
+    ``requires``: compressor capabilities (names of ``CompressorCapabilities``
+    fields) that must be true; ``stateful``: keeps per-parameter tensors in the
+    optimizer state; ``output_sign``: its result is +-1 per entry.
+    """
+
+    requires: tuple[str, ...] = ()
+    stateful: bool = False
+    output_sign: bool = False
+
+
+class Aggregator(Plugin):
+    """Combines the workers' uplink messages into one aggregate, identical on every rank.
+
+    ``aggregate`` receives, for each parameter of a group, the worker's vector
+    (momentum or its LMO direction), the parameter's aggregator state (tensors
+    created by :meth:`init_state`), the uplink compressor and the communicator
+    that carries the wire tensors.  It returns one dense tensor per parameter.
+    """
+
+    family: ClassVar[str] = "aggregator"
+    capabilities: ClassVar[AggregatorCapabilities] = AggregatorCapabilities()
+
+    def check_uplink(self, uplink: Compressor) -> str | None:
+        """``None`` if ``uplink`` fits, else a sentence saying why not."""
+        missing = [c for c in self.capabilities.requires if not getattr(uplink.capabilities, c)]
+        if missing:
+            return (
+                f"aggregator {self.kind!r} needs an uplink compressor that is {', '.join(missing)}; "
+                f"{uplink.kind!r} is not"
+            )
+        return None
+
+    def init_state(self, param: Tensor) -> dict[str, Tensor]:
+        return {}
+
+    def aggregate(
+        self,
+        vectors: Sequence[Tensor],
+        states: Sequence[dict[str, Tensor]],
+        *,
+        uplink: Compressor,
+        comm: Any,
+        generators: Any,
+    ) -> list[Tensor]:
+        raise NotImplementedError

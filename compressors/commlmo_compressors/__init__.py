@@ -1,0 +1,1 @@
+"""commlmo_compressors."""
