@@ -37,6 +37,7 @@ __all__ = [
     "LMO",
     "LRRule",
     "Payload",
+    "Encoded",
     "CompressorCapabilities",
     "Compressor",
     "AggregatorCapabilities",
@@ -198,6 +199,24 @@ class Payload:
         return sum(t.numel() * t.element_size() for t in self.wire)
 
 
+@dataclass
+class Encoded:
+    """An aggregate that is still in a compressed format (e.g. the packed majority vote).
+
+    The optimizer applies it with ``codec.decompress_add_`` so that, for signs,
+    no +-1 float tensor is ever materialised.
+    """
+
+    payload: Payload
+    codec: "Compressor"
+
+    def decode(self) -> Tensor:
+        return self.codec.decompress(self.payload)
+
+    def add_to_(self, target: Tensor, *, alpha: float) -> Tensor:
+        return self.codec.decompress_add_(target, self.payload, alpha=alpha)
+
+
 @dataclass(frozen=True)
 class CompressorCapabilities:
     """Declared contract of a compressor (checked by :mod:`commlmo.testing`).
@@ -286,7 +305,14 @@ class Aggregator(Plugin):
     ``aggregate`` receives, for each parameter of a group, the worker's vector
     (momentum or its LMO direction), the parameter's aggregator state (tensors
     created by :meth:`init_state`), the uplink compressor and the communicator
-    that carries the wire tensors.  It returns one dense tensor per parameter.
+    that carries the wire tensors.  It returns, per parameter, a dense tensor or
+    an :class:`Encoded` aggregate; either is identical on every rank and must be
+    treated as read-only by the caller.
+
+    ``generators`` has ``.shared`` (same state on every rank: tie-breaks,
+    shared-seed compressors) and ``.local`` (this rank's own stream), and
+    ``generators.for_(compressor)`` picks the right one.  ``label`` prefixes the
+    byte-accounting entries of the collectives it calls.
     """
 
     family: ClassVar[str] = "aggregator"
@@ -313,5 +339,6 @@ class Aggregator(Plugin):
         uplink: Compressor,
         comm: Any,
         generators: Any,
-    ) -> list[Tensor]:
+        label: str,
+    ) -> list[Tensor | Encoded]:
         raise NotImplementedError

@@ -1,0 +1,79 @@
+r"""EF21 error feedback (Richtárik, Sokolov, Fatkhullin 2021).
+
+Worker ``i`` keeps an estimate ``g_i`` of its vector ``v_i`` and sends only
+``c_i = C(v_i - g_i)``; everyone keeps ``g = mean_i g_i``::
+
+    c_i = C(v_i - g_i);   g_i <- g_i + c_i;   g <- g + mean_i c_i
+
+``C`` must be contractive (``||C(x) - x||^2 <= (1 - alpha)||x||^2``); an unbiased
+compressor with variance ``omega`` is used as ``C / (1 + omega)``, which is
+contractive with ``alpha = 1 / (1 + omega)``.  EF21-Muon (Gruntkowska, Gaponov,
+Tovmasyan, Richtárik 2025) runs the layer-wise LMO on ``g`` at the server.
+The estimates are optimizer state (``ef21_local``, ``ef21_global``), so they are
+checkpointed with ``state_dict``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from commlmo.plugin import Aggregator, AggregatorCapabilities, Compressor, PluginConfig
+from commlmo.transport import mean_of_payloads
+
+from .mean import pick_mean_transport
+
+__all__ = ["EF21", "EF21Config"]
+
+
+class EF21Config(PluginConfig):
+    kind: Literal["ef21"] = "ef21"
+    transport: Literal["auto", "owner", "allreduce", "allgather"] = "auto"
+
+
+class EF21(Aggregator):
+    """EF21 error feedback: send C(v_i - g_i), keep g_i and g = mean g_i in optimizer state."""
+
+    Config = EF21Config
+    capabilities = AggregatorCapabilities(stateful=True)
+
+    def check_uplink(self, uplink: Compressor) -> str | None:
+        caps = uplink.capabilities
+        if not (caps.contractive or caps.unbiased):
+            return (
+                f"aggregator 'ef21' needs a contractive (or unbiased) uplink compressor; {uplink.kind!r} "
+                "with this config is neither (e.g. use sign with scale: mean, topk, rankk or natural)"
+            )
+        try:
+            pick_mean_transport(self.config.transport, uplink)
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    def init_state(self, param: Tensor) -> dict[str, Tensor]:
+        return {"ef21_local": torch.zeros_like(param), "ef21_global": torch.zeros_like(param)}
+
+    def aggregate(self, vectors: Sequence[Tensor], states, *, uplink, comm, generators, label) -> list[Tensor]:
+        gen = generators.for_(uplink)
+        payloads = [uplink.compress(v - s["ef21_local"], generator=gen) for v, s in zip(vectors, states)]
+        transport = pick_mean_transport(
+            self.config.transport, uplink, world_size=comm.world_size, payload_bytes=sum(p.nbytes for p in payloads)
+        )
+        means = mean_of_payloads(payloads, uplink, comm, transport=transport, label=f"{label}/ef21")  # type: ignore[arg-type]
+        # State changes only after the collectives succeeded.
+        for v, s, p, mean in zip(vectors, states, payloads, means):
+            damp = _damping(uplink, v.shape)
+            uplink.decompress_add_(s["ef21_local"], p, alpha=damp)
+            s["ef21_global"].add_(mean, alpha=damp)
+        return [s["ef21_global"] for s in states]
+
+
+def _damping(uplink: Compressor, shape: torch.Size) -> float:
+    """1 for contractive compressors; ``1/(1+omega)`` turns an unbiased one into a contractive one."""
+    if uplink.capabilities.contractive:
+        return 1.0
+    omega = uplink.omega(shape)
+    return 1.0 / (1.0 + (omega or 0.0))

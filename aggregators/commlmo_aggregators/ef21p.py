@@ -1,0 +1,90 @@
+r"""EF21-P downlink: broadcast a compressed *model*, keep the exact one apart.
+
+The server keeps the exact model ``X`` and every worker holds the broadcast
+model ``W`` (the parameters gradients are taken at)::
+
+    X <- X (1 - lr*wd) - lr * scale * D
+    W <- W + C(X - W)
+
+(Gruntkowska, Gaponov, Richtárik 2024, "EF21-P"; used as the downlink of
+EF21-Muon and of the SignMuon paper's EF21-MuonSign).  Here every rank runs
+the server role redundantly, so ``X`` lives in each rank's optimizer state
+(``ef21p_model``) and the compressed difference is applied identically on all.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import field_validator
+from torch import Tensor
+
+from commlmo import registry
+from commlmo.plugin import Compressor, CompressorCapabilities, Encoded, Payload, PluginConfig
+
+__all__ = ["EF21P", "EF21PConfig"]
+
+
+class EF21PConfig(PluginConfig):
+    kind: Literal["ef21p"] = "ef21p"
+    compressor: Any = {"kind": "sign", "scale": "mean"}
+
+    @field_validator("compressor", mode="before")
+    @classmethod
+    def _inner(cls, v: Any) -> Any:
+        cfg = registry.validate_plugin_config("compressor", v)
+        if cfg.kind == "ef21p":
+            raise ValueError("ef21p cannot wrap another ef21p")
+        return cfg
+
+
+class EF21P(Compressor):
+    """EF21-P downlink: workers hold W, W += C(X - W); the exact model X stays in optimizer state."""
+
+    Config = EF21PConfig
+
+    def __init__(self, config=None, **fields):
+        super().__init__(config, **fields)
+        self.inner: Compressor = registry.build_plugin("compressor", self.config.compressor)  # type: ignore[assignment]
+
+    @property
+    def capabilities(self) -> CompressorCapabilities:  # type: ignore[override]
+        caps = self.inner.capabilities
+        return CompressorCapabilities(
+            summable=False, fixed_size=caps.fixed_size, contractive=caps.contractive, unbiased=caps.unbiased,
+            stochastic=caps.stochastic, downlink_only=True,
+        )
+
+    def compress(self, x: Tensor, *, generator: torch.Generator | None = None) -> Payload:
+        return self.inner.compress(x, generator=generator)
+
+    def decompress(self, payload: Payload) -> Tensor:
+        return self.inner.decompress(payload)
+
+    def wire_nbytes(self, shape, dtype) -> int:
+        return self.inner.wire_nbytes(shape, dtype)
+
+    def alpha(self, shape):
+        return self.inner.alpha(shape)
+
+    def omega(self, shape):
+        return self.inner.omega(shape)
+
+    def init_state(self, param: Tensor) -> dict[str, Tensor]:
+        return {"ef21p_model": param.detach().clone()}
+
+    def step_model_(
+        self, p: Tensor, state: dict, d: Tensor | Encoded, *, lr: float, wd: float, scale: float,
+        generator: torch.Generator | None,
+    ) -> None:
+        """Advance the exact model by the step, then move ``p`` (= W) by ``C(X - W)``."""
+        x = state["ef21p_model"]
+        if wd:
+            x.mul_(1 - lr * wd)
+        if isinstance(d, Encoded):
+            d.add_to_(x, alpha=-lr * scale)
+        else:
+            x.add_(d.to(x.dtype), alpha=-lr * scale)
+        payload = self.inner.compress(x - p, generator=generator)
+        self.inner.decompress_add_(p, payload, alpha=1.0)

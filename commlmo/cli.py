@@ -1,0 +1,109 @@
+"""The ``commlmo`` command line.
+
+    commlmo plugins                  every plugin family, name, distribution and summary
+    commlmo presets                  the paper methods and their rows
+    commlmo schema                   JSON schema of a full config, from the installed plugins
+    commlmo validate CONFIG          check a config and print it resolved
+    commlmo train CONFIG [--nproc N] train a task (see commlmo.train)
+    commlmo compare CONFIG... [--nproc N]   several runs side by side
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from . import registry
+from .errors import CommlmoError
+
+__all__ = ["main"]
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    rows = []
+    for info, cls, err in registry.plugins(args.family):
+        summary = cls.summary() if cls is not None else f"BROKEN: {err}"
+        rows.append((info.family, info.name, f"{info.distribution} {info.version}".strip(), summary))
+    if args.json:
+        print(json.dumps([dict(zip(("family", "name", "distribution", "summary"), r)) for r in rows], indent=2))
+        return 0
+    widths = [max(len(r[i]) for r in rows + [("family", "name", "distribution", "")]) for i in range(3)]
+    print(f"{'family':<{widths[0]}}  {'name':<{widths[1]}}  {'distribution':<{widths[2]}}  summary")
+    for r in rows:
+        print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}")
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from .presets import PRESETS
+
+    def show(c):
+        return "-" if c is None else c["kind"] + ("" if len(c) == 1 else "(" + ", ".join(f"{k}={v}" for k, v in c.items() if k != "kind") + ")")
+
+    head = ("preset", "lmo", "lmo_at", "uplink", "aggregator", "downlink", "summary")
+    rows = [(n, show(p.lmo), p.lmo_at, show(p.uplink), show(p.aggregator), show(p.downlink), p.summary)
+            for n, p in PRESETS.items()]
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(6)]
+    for r in [head, *rows]:
+        print("  ".join(f"{str(c):<{w}}" for c, w in zip(r[:6], widths)) + "  " + r[6])
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from .config import config_json_schema
+
+    print(json.dumps(config_json_schema(), indent=2))
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config)
+    print(f"# {args.config}: valid")
+    print(cfg.describe(), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="commlmo", description="Communication-efficient distributed LMO optimizers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plugins", help="list installed plugins")
+    p.add_argument("--family", choices=sorted(registry.FAMILIES), help="only this family")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_plugins)
+
+    p = sub.add_parser("presets", help="list the preset methods")
+    p.set_defaults(func=_cmd_presets)
+
+    p = sub.add_parser("schema", help="print the JSON schema of a config")
+    p.set_defaults(func=_cmd_schema)
+
+    p = sub.add_parser("validate", help="validate a config file (or preset) and print it resolved")
+    p.add_argument("config", help="a .yaml/.yml/.toml/.json file or a preset name")
+    p.set_defaults(func=_cmd_validate)
+
+    try:
+        from .train import add_cli  # the training harness registers train/compare
+    except ImportError:  # pragma: no cover - the harness is part of the package
+        pass
+    else:
+        add_cli(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CommlmoError as exc:
+        print(f"commlmo {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,286 @@
+r"""Communicators: the collectives the aggregators use, with byte accounting.
+
+Three implementations share one interface:
+
+* :class:`TorchComm` -- real ``torch.distributed`` collectives on a process
+  group (gloo for CPU tensors, NCCL for CUDA tensors);
+* :class:`LocalComm` -- a world of one: every collective is the identity and
+  nothing is sent;
+* :class:`SimulatedComm` -- M workers as threads of one process exchanging
+  tensors in memory (research mode, and the single-process reference the
+  distributed tests compare against; never a stand-in for the real path).
+
+Bytes are counted from the tensors handed to each collective.  Per rank, for a
+tensor of ``n`` bytes and ``M`` ranks, a bandwidth-optimal implementation moves
+
+===================  ==========================  ==========================
+collective           sent                        received
+===================  ==========================  ==========================
+all_reduce           2(M-1)/M * n                2(M-1)/M * n
+all_gather (input n) (M-1) * n                   (M-1) * n
+all_to_all (input n) (M-1)/M * n                 (M-1)/M * n
+===================  ==========================  ==========================
+
+and that is what :class:`ByteCounter` records (the chunk a rank keeps for
+itself never crosses the wire).  With ``M = 1`` no collective is called.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .errors import DistributedError
+
+__all__ = ["ByteCounter", "Communicator", "LocalComm", "TorchComm", "SimulatedComm", "simulate", "make_communicator"]
+
+
+@dataclass
+class ByteCounter:
+    """Bytes handed to, sent and received by each collective; per step and in total."""
+
+    step: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
+    total: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
+
+    def record(self, label: str, handed: int, sent: float, received: float) -> None:
+        for book in (self.step, self.total):
+            row = book[label]
+            row["calls"] += 1
+            row["handed"] += int(handed)
+            row["sent"] += int(round(sent))
+            row["received"] += int(round(received))
+
+    def new_step(self) -> None:
+        self.step = defaultdict(lambda: defaultdict(int))
+
+    @staticmethod
+    def _sum(book: dict[str, dict[str, int]], key: str) -> int:
+        return sum(row[key] for row in book.values())
+
+    @property
+    def step_sent(self) -> int:
+        return self._sum(self.step, "sent")
+
+    @property
+    def step_received(self) -> int:
+        return self._sum(self.step, "received")
+
+    @property
+    def total_sent(self) -> int:
+        return self._sum(self.total, "sent")
+
+    @property
+    def total_received(self) -> int:
+        return self._sum(self.total, "received")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "step": {k: dict(v) for k, v in self.step.items()},
+            "total": {k: dict(v) for k, v in self.total.items()},
+            "step_sent": self.step_sent,
+            "step_received": self.step_received,
+            "total_sent": self.total_sent,
+            "total_received": self.total_received,
+        }
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class Communicator:
+    """Collectives over ``world_size`` ranks; subclasses implement the ``_`` methods.
+
+    Every method takes a ``label`` (e.g. ``"hidden/majority_vote/all_to_all"``)
+    under which its bytes are recorded.  All inputs must be contiguous.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+
+    def __init__(self) -> None:
+        self.bytes = ByteCounter()
+
+    # -- public API ------------------------------------------------------
+    def all_reduce_sum_(self, t: Tensor, *, label: str) -> Tensor:
+        """In-place sum over ranks (order of summation is the backend's)."""
+        if self.world_size == 1:
+            return t
+        m, n = self.world_size, _nbytes(t)
+        self.bytes.record(f"{label}/all_reduce", n, 2 * (m - 1) / m * n, 2 * (m - 1) / m * n)
+        return self._all_reduce_sum_(t)
+
+    def all_gather(self, t: Tensor, *, label: str) -> Tensor:
+        """``(world_size, *t.shape)`` stack of every rank's ``t`` (rank order)."""
+        if self.world_size == 1:
+            return t.unsqueeze(0)
+        m, n = self.world_size, _nbytes(t)
+        self.bytes.record(f"{label}/all_gather", n, (m - 1) * n, (m - 1) * n)
+        return self._all_gather(t.contiguous())
+
+    def all_to_all(self, t: Tensor, *, label: str) -> Tensor:
+        """Split ``t`` (1-D, length divisible by world_size) into chunks; chunk ``j`` goes to
+        rank ``j``.  Returns the ``(world_size, chunk)`` matrix of chunks received, row ``i``
+        coming from rank ``i``."""
+        m = self.world_size
+        if t.ndim != 1 or t.numel() % m:
+            raise ValueError(f"all_to_all needs a 1-D tensor whose length divides by {m}; got shape {tuple(t.shape)}")
+        if m == 1:
+            return t.unsqueeze(0)
+        n = _nbytes(t)
+        self.bytes.record(f"{label}/all_to_all", n, (m - 1) / m * n, (m - 1) / m * n)
+        return self._all_to_all(t.contiguous()).view(m, -1)
+
+    def all_max_(self, t: Tensor, *, label: str) -> Tensor:
+        """In-place elementwise max over ranks (flags: agree on skipping a step)."""
+        if self.world_size == 1:
+            return t
+        m, n = self.world_size, _nbytes(t)
+        self.bytes.record(f"{label}/all_reduce", n, 2 * (m - 1) / m * n, 2 * (m - 1) / m * n)
+        return self._all_max_(t)
+
+    def describe(self) -> str:
+        return f"{type(self).__name__}(rank={self.rank}, world_size={self.world_size})"
+
+    # -- backend ---------------------------------------------------------
+    def _all_reduce_sum_(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _all_max_(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _all_gather(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _all_to_all(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class LocalComm(Communicator):
+    """A world of one process: no collective is ever called."""
+
+
+class TorchComm(Communicator):
+    """Collectives of a ``torch.distributed`` process group (default: the world)."""
+
+    def __init__(self, group: Any = None) -> None:
+        super().__init__()
+        if not (dist.is_available() and dist.is_initialized()):
+            raise DistributedError("TorchComm needs torch.distributed initialised (dist.init_process_group)")
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
+        self.backend = str(dist.get_backend(self.group))
+
+    def _all_reduce_sum_(self, t: Tensor) -> Tensor:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t
+
+    def _all_max_(self, t: Tensor) -> Tensor:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return t
+
+    def _all_gather(self, t: Tensor) -> Tensor:
+        out = torch.empty((self.world_size * t.numel(),), dtype=t.dtype, device=t.device)
+        dist.all_gather_into_tensor(out, t.reshape(-1), group=self.group)
+        return out.view(self.world_size, *t.shape)
+
+    def _all_to_all(self, t: Tensor) -> Tensor:
+        out = torch.empty_like(t)
+        dist.all_to_all_single(out, t, group=self.group)
+        return out
+
+    def describe(self) -> str:
+        return f"TorchComm(backend={self.backend}, rank={self.rank}, world_size={self.world_size})"
+
+
+class _Hub:
+    """Rendezvous of the simulated ranks: deposit, wait for everyone, read, wait again."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self.slots: list[Tensor | None] = [None] * world_size
+        self.barrier = threading.Barrier(world_size)
+
+    def exchange(self, rank: int, t: Tensor) -> list[Tensor]:
+        self.slots[rank] = t.clone()
+        self.barrier.wait()
+        everyone = list(self.slots)  # type: ignore[arg-type]
+        self.barrier.wait()  # nobody overwrites a slot before all have read it
+        return everyone  # type: ignore[return-value]
+
+
+class SimulatedComm(Communicator):
+    """One of ``world_size`` simulated ranks living as threads of one process.
+
+    Reductions sum in rank order, so results are deterministic.  Use
+    :func:`simulate` to run a function on every simulated rank.
+    """
+
+    def __init__(self, rank: int, hub: _Hub):
+        super().__init__()
+        self.rank, self.world_size, self._hub = rank, hub.world_size, hub
+
+    def _all_reduce_sum_(self, t: Tensor) -> Tensor:
+        parts = self._hub.exchange(self.rank, t)
+        acc = parts[0].clone()
+        for p in parts[1:]:
+            acc += p
+        return t.copy_(acc)
+
+    def _all_max_(self, t: Tensor) -> Tensor:
+        return t.copy_(torch.stack(self._hub.exchange(self.rank, t)).amax(0))
+
+    def _all_gather(self, t: Tensor) -> Tensor:
+        return torch.stack(self._hub.exchange(self.rank, t))
+
+    def _all_to_all(self, t: Tensor) -> Tensor:
+        parts = self._hub.exchange(self.rank, t)
+        return torch.cat([p.view(self.world_size, -1)[self.rank] for p in parts])
+
+
+def simulate(world_size: int, fn: Callable[[int, Communicator], Any]) -> list[Any]:
+    """Run ``fn(rank, comm)`` on ``world_size`` simulated ranks (threads); return their results.
+
+    An exception on any rank aborts the rendezvous so the others fail fast
+    instead of waiting forever, and is re-raised here.
+    """
+    hub = _Hub(world_size)
+    results: list[Any] = [None] * world_size
+    errors: list[BaseException | None] = [None] * world_size
+
+    def run(rank: int) -> None:
+        try:
+            results[rank] = fn(rank, SimulatedComm(rank, hub))
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            errors[rank] = exc
+            hub.barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,), name=f"commlmo-sim-{r}") for r in range(world_size)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    first = next((e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError)), None)
+    first = first or next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
+    return results
+
+
+def make_communicator(group: Any = None) -> Communicator:
+    """:class:`TorchComm` over ``group`` when torch.distributed is initialised, else :class:`LocalComm`."""
+    if isinstance(group, Communicator):
+        return group
+    if dist.is_available() and dist.is_initialized():
+        return TorchComm(group)
+    if group is not None:
+        raise DistributedError("a process group was given but torch.distributed is not initialised")
+    return LocalComm()

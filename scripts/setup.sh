@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Install commlmo and everything its tests, benchmarks and docs need, on a fresh machine.
+# Idempotent: a second run installs nothing new.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+# The CPU build of torch first: anything that depends on torch would otherwise pull a CUDA build.
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  "$PY" -m pip install --quiet "torch==2.13.0"
+fi
+"$PY" -m pip install --quiet -e ".[test,docs]"
