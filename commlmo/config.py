@@ -67,8 +67,7 @@ def _plugin_field(family: str):
                 for e in exc.errors()
             )
             kind = value.get("kind") if isinstance(value, Mapping) else value
-            raise PydanticCustomError("plugin_config", "invalid {family} {kind!r}: {details}",
-                                      {"family": family, "kind": kind, "details": details}) from None
+            raise PydanticCustomError("plugin_config", "{msg}", {"msg": f"invalid {family} {kind!r}: {details}"}) from None
         except CommlmoError as exc:
             raise PydanticCustomError("plugin", "{msg}", {"msg": str(exc)}) from None
 
@@ -82,7 +81,7 @@ LRRuleField = _plugin_field("lr_rule")
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 class MomentumConfig(_Model):
@@ -278,7 +277,7 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
         shown = repr(value)
         if len(shown) > 120:
             shown = shown[:117] + "..."
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             parent = e["loc"][:-1]
             msg = f"unknown field {e['loc'][-1]!r}" + _allowed_fields(parent)

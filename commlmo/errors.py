@@ -64,6 +64,6 @@ class NonFiniteGradientError(CommlmoError, FloatingPointError):
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
-    """``" (did you mean 'x'?)"`` for the closest choice, or ``""``."""
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    """``" (did you mean 'x' or 'y'?)"`` for the closest choices, or ``""``."""
+    close = difflib.get_close_matches(name, list(choices), n=2, cutoff=0.5)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
