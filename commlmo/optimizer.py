@@ -83,6 +83,11 @@ class CommOptimizer(torch.optim.Optimizer):
                         f"groups.{gcfg.name}: lmo {rt.lmo.kind!r} does not accept parameter {name!r} of shape "
                         f"{tuple(p.shape)} ({p.ndim}-D); narrow params.ndim or pick another lmo"
                     )
+                if not rt.lr_rule.needs_dual_norm:  # shape-only rules: fail now, not at step 1
+                    try:
+                        rt.lr_rule.scale(p.shape, lmo=rt.lmo, step_family=rt.family, name=name)
+                    except ValueError as exc:
+                        raise ConfigError(f"groups.{gcfg.name}: parameter {name!r}: {exc}") from None
             self._runtimes.append(rt)
             groups.append({
                 "params": [p for _, p in members], "names": [n for n, _ in members], "group": gcfg.name,

@@ -174,3 +174,11 @@ def test_sparse_gradient_is_refused():
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(ConfigError, match="sparse gradient"):
         opt.step()
+
+
+def test_lr_rule_that_cannot_take_a_shape_fails_when_the_optimizer_is_built():
+    model = torch.nn.Linear(4, 3)
+    cfg = {"groups": [{"name": "all", "params": {"ndim": [1, 2]}, "lmo": {"kind": "sign"},
+                       "lr_rule": {"kind": "original"}}]}
+    with pytest.raises(ConfigError, match=r"groups.all: parameter 'bias': lr_rule 'original' needs a matrix shape"):
+        build_optimizer(model, cfg)

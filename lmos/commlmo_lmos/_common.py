@@ -1,0 +1,29 @@
+"""Helpers shared by the built-in LMOs."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from commlmo.plugin import LMO
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Norms of 16-bit tensors are accumulated in float32; other dtypes in themselves."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def check_ndim(lmo: LMO, g: Tensor) -> None:
+    """Raise a ``ValueError`` naming the shape if ``lmo`` does not accept ``g``'s rank."""
+    caps = lmo.capabilities
+    if not caps.accepts(g.ndim):
+        upper = "" if caps.max_ndim is None else f" and <= {caps.max_ndim}"
+        raise ValueError(
+            f"{lmo.kind!r} LMO takes tensors with ndim >= {caps.min_ndim}{upper}; got shape "
+            f"{tuple(g.shape)}. Route such parameters to another group or to the fallback optimizer."
+        )
+
+
+def divide_or_zero(x: Tensor, norms: Tensor) -> Tensor:
+    """``x / norms`` (broadcast), with 0 where the norm is 0 -- no NaN for zero slices."""
+    return x * torch.where(norms > 0, norms.reciprocal(), 0.0)
