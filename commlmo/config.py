@@ -190,6 +190,8 @@ class OptimizerConfig(_Model):
     fallback: FallbackConfig = Field(default_factory=FallbackConfig)
     seed: int = Field(0, ge=0)
     nonfinite: Literal["raise", "skip"] = "raise"
+    #: every this many steps, compare a checksum of every parameter across ranks (0: never)
+    verify_every: int = Field(0, ge=0)
 
     @field_validator("groups")
     @classmethod

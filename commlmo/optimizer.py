@@ -27,6 +27,7 @@ from torch import Tensor
 from .comm import Communicator, make_communicator
 from .config import OptimizerConfig, load_config
 from .errors import ConfigError, DistributedError, NonFiniteGradientError
+from .consistency import check_layout, verify_parameters
 from .pipeline import GroupRuntime
 
 __all__ = ["CommOptimizer", "build_optimizer", "named_parameters_of"]
@@ -105,6 +106,7 @@ class CommOptimizer(torch.optim.Optimizer):
             super().__init__([{"params": [], "group": "_none"}], defaults={})
             self.param_groups.clear()
         self._n_main = len(self.param_groups)
+        self.steps, self.skipped_steps, self._layout_checked = 0, 0, False
         if self.fallback is not None:
             for fg in self.fallback.param_groups:
                 fg.setdefault("group", "fallback")
@@ -132,48 +134,74 @@ class CommOptimizer(torch.optim.Optimizer):
         return out
 
     # ------------------------------------------------------------------ step
-    def _grads(self, group: dict) -> tuple[list[Tensor], list[Tensor], list[str]]:
-        params, grads, names = [], [], []
-        for name, p in zip(group["names"], group["params"]):
+    def _entries(self) -> list[tuple[str, Tensor]]:
+        """Every parameter this optimizer updates, in a fixed order (main groups, then fallback)."""
+        out = [(n, p) for g in self.param_groups[: self._n_main] for n, p in zip(g["names"], g["params"])]
+        fallback = [p for g in self.param_groups[self._n_main:] for p in g["params"]]
+        return out + list(zip(self.fallback_names, fallback))
+
+    def _agree_on_gradients(self, entries: list[tuple[str, Tensor]]) -> bool:
+        """One small collective: do all ranks have finite gradients, and which parameters have one?
+
+        A parameter that has a gradient on some rank gets a zero gradient on the
+        others (as DDP treats unused parameters), so every rank sends the same layout.
+        """
+        flags = torch.zeros(1 + len(entries), dtype=torch.uint8, device=entries[0][1].device if entries else "cpu")
+        for i, (name, p) in enumerate(entries):
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
                 raise ConfigError(f"parameter {name!r} has a sparse gradient; commlmo needs dense gradients")
-            params.append(p)
-            grads.append(p.grad)
-            names.append(name)
-        return params, grads, names
-
-    def _all_finite(self, grads: list[Tensor]) -> bool:
-        bad = any(not bool(torch.isfinite(g).all()) for g in grads)
-        flag = torch.tensor([1 if bad else 0], dtype=torch.uint8, device=grads[0].device if grads else "cpu")
-        self.comm.all_max_(flag, label="nonfinite_check")  # every rank skips or raises together
-        return not bool(flag.item())
+            if p.grad.shape != p.shape:
+                raise ConfigError(f"parameter {name!r} of shape {tuple(p.shape)} has a gradient of shape {tuple(p.grad.shape)}")
+            flags[1 + i] = 1
+            if not bool(torch.isfinite(p.grad).all()):
+                flags[0] = 1
+        self.comm.all_max_(flags, label="step_agreement")
+        if flags[0]:
+            return False
+        for i, (_, p) in enumerate(entries):
+            if flags[1 + i] and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return True
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
+        """One optimizer step on every rank: agree, aggregate, update.
+
+        Raises :class:`~commlmo.errors.NonFiniteGradientError` (policy ``raise``) or
+        skips the step (policy ``skip``) when a gradient on any rank is NaN or Inf;
+        either way nothing is sent and no parameter or state changes.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self.comm.bytes.new_step()
-        work = [self._grads(g) for g in self.param_groups[: self._n_main]]
-        fallback_params = [p for p in (self.fallback.param_groups if self.fallback else []) for p in p["params"]]
-        fb = [p for p in fallback_params if p.grad is not None]
-        all_grads = [g for _, gs, _ in work for g in gs] + [p.grad for p in fb]
-        if not self._all_finite(all_grads):
+        entries = self._entries()
+        if not self._layout_checked:
+            check_layout(entries, self.config, self.comm)
+            self._layout_checked = True
+        if not self._agree_on_gradients(entries):
             if self.config.nonfinite == "skip":
-                self.skipped_steps = getattr(self, "skipped_steps", 0) + 1
+                self.skipped_steps += 1
                 return loss
             raise NonFiniteGradientError(
                 "a gradient on some rank contains NaN or Inf; nothing was sent and no state changed "
                 "(set nonfinite: skip to skip such steps)"
             )
-        for rt, group, (params, grads, names) in zip(self._runtimes, self.param_groups, work):
-            if params:
-                rt.step(params, grads, [self.state[p] for p in params], names, group=group, comm=self.comm)
+        for rt, group in zip(self._runtimes, self.param_groups):
+            live = [(n, p) for n, p in zip(group["names"], group["params"]) if p.grad is not None]
+            if live:
+                params = [p for _, p in live]
+                rt.step(params, [p.grad for p in params], [self.state[p] for p in params], [n for n, _ in live],
+                        group=group, comm=self.comm)
+        fb = [p for g in self.param_groups[self._n_main:] for p in g["params"] if p.grad is not None]
         if fb:
             self._fallback_step(fb)
+        self.steps += 1
+        if self.config.verify_every and self.steps % self.config.verify_every == 0:
+            verify_parameters(entries, self.comm)
         return loss
 
     def _fallback_step(self, params: list[Tensor]) -> None:
@@ -199,6 +227,8 @@ class CommOptimizer(torch.optim.Optimizer):
             "generators": [rt.generators.state() for rt in self._runtimes],
             "fallback": self.fallback.state_dict() if self.fallback is not None else None,
             "world_size": self.comm.world_size,
+            "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
         }
         return sd
 
@@ -214,6 +244,7 @@ class CommOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         for rt, gs in zip(self._runtimes, extra["generators"]):
             rt.generators.load(gs)
+        self.steps, self.skipped_steps = extra.get("steps", 0), extra.get("skipped_steps", 0)
         if self.fallback is not None:
             self.fallback.load_state_dict(extra["fallback"])
             del self.param_groups[self._n_main:]

@@ -28,8 +28,7 @@ def worker_grads(workers, seed=0):
 
 
 def run_optimizer(name, grads_per_step, rank, comm):
-    torch.manual_seed(123)
-    x = torch.nn.Parameter(torch.randn(SHAPE))
+    x = torch.nn.Parameter(torch.randn(SHAPE, generator=torch.Generator().manual_seed(123)))
     opt = build_optimizer([("w", x)], preset_config(name), process_group=comm)
     for grads in grads_per_step:
         x.grad = grads[rank].clone()
@@ -38,8 +37,7 @@ def run_optimizer(name, grads_per_step, rank, comm):
 
 
 def run_reference(name, grads_per_step, workers):
-    torch.manual_seed(123)
-    ref = Reference(name, torch.randn(SHAPE), workers, lr=0.05)
+    ref = Reference(name, torch.randn(SHAPE, generator=torch.Generator().manual_seed(123)), workers, lr=0.05)
     for grads in grads_per_step:
         ref.step(grads)
     return ref.params()

@@ -1,0 +1,243 @@
+"""The run config of ``commlmo train``: which optimizer, which task, how long.
+
+A run config is a YAML, TOML or JSON file (or a mapping) with three sections::
+
+    optimizer: signmuon                 # anything commlmo.load_config accepts:
+                                        # a preset name, a path, or a mapping
+    task: {kind: mnist1d, model: cnn}   # mnist1d | matrix | chargpt | custom
+    train: {steps: 2000, global_batch: 128, nproc: 4, seed: 0}
+
+Every section is validated by pydantic with ``extra="forbid"``, and an error
+names the field, the bad value and what is allowed.  ``TASKS`` holds the
+named tasks ``commlmo compare signmuon muon --task mnist1d-cnn`` uses.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .config import OptimizerConfig, load_config, read_config_file
+from .errors import ConfigError, did_you_mean
+from .tasks import TaskConfig
+
+__all__ = ["ScheduleConfig", "TrainConfig", "RunConfig", "TASKS", "load_run_config", "apply_overrides", "is_run_config"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ScheduleConfig(_Model):
+    """Learning-rate multiplier over steps: linear warmup, then constant, cosine or linear decay to ``final``."""
+
+    kind: Literal["constant", "cosine", "linear"] = "constant"
+    warmup: int = Field(0, ge=0)
+    final: float = Field(0.0, ge=0.0, le=1.0)
+
+    def __call__(self, step: int, total: int) -> float:
+        """Multiplier for 0-based ``step`` of ``total``."""
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.kind == "constant":
+            return 1.0
+        t = (step - self.warmup) / max(1, total - self.warmup)
+        shape = 0.5 * (1 + math.cos(math.pi * t)) if self.kind == "cosine" else 1 - t
+        return self.final + (1 - self.final) * shape
+
+
+class TrainConfig(_Model):
+    """How long, on how many workers, and what to measure."""
+
+    steps: int = Field(1000, ge=1)
+    global_batch: int = Field(128, ge=1)
+    nproc: int = Field(1, ge=1)
+    seed: int = Field(0, ge=0)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    eval_every: int = Field(100, ge=0)  # 0: evaluate only at the end
+    target_loss: float | None = None  # report steps, bytes and time to reach it
+    stop_at_target: bool = False  # end the run once the evaluated loss reaches target_loss
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    timeout_s: float = Field(3600.0, gt=0.0)  # bound on the whole run (and on each collective)
+
+    @model_validator(mode="after")
+    def _target_for_stop(self) -> TrainConfig:
+        if self.stop_at_target and self.target_loss is None:
+            raise ValueError("stop_at_target: true needs target_loss")
+        return self
+
+
+class RunConfig(_Model):
+    """One training run: ``optimizer``, ``task`` and ``train``."""
+
+    name: str | None = None
+    optimizer: str | dict[str, Any] = "muon"
+    task: TaskConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("optimizer")
+    @classmethod
+    def _loadable(cls, v: str | dict[str, Any]) -> str | dict[str, Any]:
+        try:
+            load_config(v)
+        except ConfigError as exc:
+            raise ValueError(str(exc).replace("\n", "\n    ")) from None
+        return v
+
+    def optimizer_config(self) -> OptimizerConfig:
+        return load_config(self.optimizer)
+
+    def label(self) -> str:
+        """A short name: ``name``, else the optimizer preset or file stem."""
+        if self.name:
+            return self.name
+        if isinstance(self.optimizer, str):
+            return Path(self.optimizer).stem if "/" in self.optimizer or "." in self.optimizer else self.optimizer
+        return str(self.optimizer.get("preset") or "custom")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# Named tasks for `commlmo compare PRESET... --task NAME`, with step counts and
+# schedules tuned on a 2-core CPU (docs/benchmarks/mnist1d.md).
+TASKS: dict[str, dict[str, Any]] = {
+    "mnist1d-cnn": {
+        "task": {"kind": "mnist1d", "model": "cnn"},
+        "train": {"steps": 1500, "global_batch": 128, "nproc": 4, "eval_every": 100,
+                  "schedule": {"kind": "cosine", "warmup": 50}},
+    },
+    "mnist1d-mlp": {
+        "task": {"kind": "mnist1d", "model": "mlp"},
+        "train": {"steps": 1500, "global_batch": 128, "nproc": 4, "eval_every": 100,
+                  "schedule": {"kind": "cosine", "warmup": 50}},
+    },
+    "matrix": {
+        "task": {"kind": "matrix", "m": 100, "n": 100},
+        "train": {"steps": 300, "global_batch": 4, "nproc": 4, "eval_every": 1,
+                  "schedule": {"kind": "linear"}},
+    },
+    "chargpt": {
+        "task": {"kind": "chargpt"},
+        "train": {"steps": 300, "global_batch": 32, "nproc": 2, "eval_every": 50,
+                  "schedule": {"kind": "cosine", "warmup": 20}},
+    },
+}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid run config ({source}): {exc.error_count()} error(s)"]
+    for e in exc.errors():
+        path = e["loc"]
+        if len(path) > 1 and path[0] == "task" and path[1] in _task_kinds():
+            path = (path[0], *path[2:])  # pydantic puts the union's tag in the path
+        loc = ".".join(str(p) for p in path) or "(top level)"
+        shown = repr(e.get("input"))
+        shown = shown if len(shown) <= 120 else shown[:117] + "..."
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown field {e['loc'][-1]!r}" + _allowed(e["loc"][:-1], str(e["loc"][-1]))
+        elif e["type"] == "union_tag_invalid":
+            msg = f"unknown task kind; allowed: {', '.join(_task_kinds())}"
+        lines.append(f"  {loc} = {shown}: {msg}")
+    return "\n".join(lines)
+
+
+def _task_kinds() -> list[str]:
+    from .tasks import KINDS
+
+    return list(KINDS)
+
+
+def _allowed(loc: tuple[Any, ...], bad: str) -> str:
+    from .tasks import KINDS
+
+    model: Any = RunConfig
+    for part in loc:
+        if part in KINDS:  # the discriminated union puts the kind in the path
+            model = KINDS[part].Config
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            if part == "task":
+                return f"; tasks: {', '.join(KINDS)}"
+            return ""
+        ann = field.annotation
+        model = next((a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return ""
+    names = sorted(model.model_fields)
+    return f"{did_you_mean(bad, names)}; allowed: {', '.join(names)}"
+
+
+def is_run_config(source: Any) -> bool:
+    """Whether ``source`` (path or mapping) is a run config (has a ``task``) rather than an optimizer config."""
+    if isinstance(source, Mapping):
+        return "task" in source
+    path = Path(str(source))
+    if path.suffix.lower() in (".yaml", ".yml", ".toml", ".json") and path.is_file():
+        return "task" in read_config_file(path)
+    return False
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"train.steps": 100}`` -> ``raw["train"]["steps"] = 100`` (values may be YAML strings)."""
+    out = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        node = out
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            if not isinstance(node.setdefault(p, {}), dict):
+                raise ConfigError(f"--set {dotted}: {p!r} is not a section")
+            node = node[p]
+        node[leaf] = value
+    return out
+
+
+def load_run_config(source: Any, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """A validated :class:`RunConfig` from a path or mapping, with dotted ``overrides`` applied.
+
+    A relative optimizer path is resolved against the run config's directory, and
+    that directory is importable for a custom task.
+    """
+    if isinstance(source, RunConfig) and not overrides:
+        return source
+    label = "mapping"
+    if isinstance(source, RunConfig):
+        raw = source.model_dump(mode="json")
+    elif isinstance(source, Mapping):
+        raw = dict(source)
+    else:
+        path = Path(str(source))
+        if not path.suffix.lower() in (".yaml", ".yml", ".toml", ".json"):
+            raise ConfigError(
+                f"{str(source)!r} is not a run config file (.yaml, .yml, .toml or .json); "
+                f"named tasks for `commlmo compare --task`: {', '.join(TASKS)}"
+            )
+        raw, label = read_config_file(path), str(path)
+        base = path.resolve().parent
+        opt = raw.get("optimizer")
+        if isinstance(opt, str) and not Path(opt).is_absolute() and (base / opt).exists():
+            raw["optimizer"] = str(base / opt)
+        task = raw.get("task")
+        if isinstance(task, dict) and task.get("kind") == "custom":
+            task["paths"] = [*task.get("paths", []), str(base), str(Path.cwd())]
+    if "task" not in raw:
+        raise ConfigError(f"run config ({label}) has no 'task' section; tasks: {', '.join(_task_kinds())}")
+    raw = apply_overrides(raw, overrides or {})
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, label)) from None

@@ -1,0 +1,251 @@
+r"""``commlmo train`` and ``commlmo compare``: start the workers, then report.
+
+    commlmo train examples/mnist1d_cnn.yaml --nproc 4          # spawns 4 local workers
+    commlmo train examples/matrix.yaml --steps 100 --set task.noise=0.1
+    commlmo compare signmuon muon signsgd --task mnist1d-cnn --nproc 4
+    commlmo compare examples/mnist1d_cnn.yaml runs/other.yaml
+    torchrun --standalone --nproc_per_node 4 -m commlmo train examples/mnist1d_cnn.yaml
+
+Without ``torchrun`` the command starts ``--nproc`` (or ``train.nproc``) worker
+processes on this machine joined by a process group (gloo on 127.0.0.1, NCCL
+when CUDA is present) and runs :func:`commlmo.worker.run_rank` in each; under
+``torchrun`` the process is one rank.  Rank 0 writes ``metrics.jsonl`` and
+``summary.json`` into the run directory; this module then prints the summary
+table and draws the plots from those files.
+
+The same from Python::
+
+    from commlmo.train import train, compare
+    run = train("examples/mnist1d_cnn.yaml", nproc=4, out="runs/cnn")
+    runs = compare(["signmuon", "muon"], task="mnist1d-cnn", nproc=4)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .launch import default_backend, init_from_env, launched_by_torchrun, spawn
+from .metrics import RunResult, compare_table, default_target, load_run, run_table
+from .runconfig import TASKS, RunConfig, is_run_config, load_run_config
+from .tasks import shard_size
+
+__all__ = ["train", "compare", "add_cli"]
+
+
+def _stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def _is_rank0() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _launch(cfg: RunConfig, out: Path, *, progress: bool) -> bool:
+    """Run ``cfg`` on its workers; True where this process holds the results (the parent, or rank 0)."""
+    raw = cfg.model_dump(mode="json")
+    if launched_by_torchrun():
+        from .worker import run_rank
+
+        rank, world = init_from_env(backend=None if cfg.train.backend == "auto" else cfg.train.backend,
+                                    timeout_s=cfg.train.timeout_s)
+        shard_size(cfg.train.global_batch, world)
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(cfg.to_yaml())
+        run_rank(rank, world, raw, str(out) if rank == 0 else None, progress)
+        return rank == 0
+    nproc = cfg.train.nproc
+    shard_size(cfg.train.global_batch, nproc)  # fail here, not in every worker
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(cfg.to_yaml())
+    if nproc == 1:
+        from .worker import run_rank
+
+        run_rank(0, 1, raw, str(out), progress)
+    else:
+        from .worker import run_rank
+
+        backend = default_backend() if cfg.train.backend == "auto" else cfg.train.backend
+        spawn(run_rank, nproc, raw, str(out), progress, backend=backend, timeout_s=cfg.train.timeout_s)
+    return True
+
+
+def _report_run(run: RunResult) -> None:
+    from .plots import plot_run
+
+    print(run_table(run))
+    png = plot_run(run, run.path / "curves.png")
+    print(f"\nmetrics: {run.path / 'metrics.jsonl'}\nsummary: {run.path / 'summary.json'}\nplots:   {png}")
+
+
+def train(config: Any, *, nproc: int | None = None, out: str | Path | None = None,
+          overrides: Mapping[str, Any] | None = None, progress: bool = True, report: bool = True) -> RunResult | None:
+    """Train one run config (path or mapping); returns the run read back from ``out`` (``None`` on ranks > 0)."""
+    overrides = dict(overrides or {})
+    if nproc is not None:
+        overrides["train.nproc"] = nproc
+    cfg = load_run_config(config, overrides)
+    out = Path(out) if out else Path("runs") / f"{cfg.label()}-{_stamp()}"
+    if not _launch(cfg, out, progress=progress):
+        return None
+    run = load_run(out)
+    if report:
+        _report_run(run)
+    return run
+
+
+def _unique(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}-{seen[n]}")
+    return out
+
+
+def compare_configs(sources: Sequence[Any], *, task: str | None = None, nproc: int | None = None,
+                    overrides: Mapping[str, Any] | None = None) -> list[RunConfig]:
+    """Run configs for ``sources``: run configs as they are, optimizers (presets, files) on ``task``."""
+    overrides = dict(overrides or {})
+    if nproc is not None:
+        overrides["train.nproc"] = nproc
+    template: dict[str, Any] | None = None
+    if task is not None:
+        if task in TASKS:
+            template = json.loads(json.dumps(TASKS[task]))
+        elif is_run_config(task):
+            template = load_run_config(task).model_dump(mode="json", exclude={"name", "optimizer"})
+        else:
+            raise ConfigError(f"--task {task!r}: neither a named task ({', '.join(TASKS)}) nor a run config file with a 'task' section")
+    configs = []
+    for src in sources:
+        if is_run_config(src):
+            configs.append(load_run_config(src, overrides))
+            continue
+        if template is None:
+            raise ConfigError(
+                f"{src!r} is an optimizer, not a run config: name the task with --task "
+                f"({', '.join(TASKS)}, or a run config file)"
+            )
+        name = Path(str(src)).stem if isinstance(src, str) else None
+        configs.append(load_run_config({**template, "optimizer": src, "name": name}, overrides))
+    names = _unique([c.label() for c in configs])
+    return [c.model_copy(update={"name": n}) for c, n in zip(configs, names)]
+
+
+def compare(sources: Sequence[Any], *, task: str | None = None, nproc: int | None = None,
+            out: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
+            target_loss: float | None = None, progress: bool = True, report: bool = True) -> list[RunResult] | None:
+    """Run each source on the same task and seed; print one table and draw one plot of all runs."""
+    if not sources:
+        raise ConfigError("compare needs at least one config or preset")
+    configs = compare_configs(sources, task=task, nproc=nproc, overrides=overrides)
+    out = Path(out) if out else Path("runs") / f"compare-{_stamp()}"
+    tasks = {json.dumps(c.task.model_dump(mode="json"), sort_keys=True) for c in configs}
+    seeds = {c.train.seed for c in configs}
+    if (len(tasks) > 1 or len(seeds) > 1) and _is_rank0():
+        print("commlmo compare: note: the runs differ in task or seed, so the table compares more than the optimizer",
+              file=sys.stderr)
+    holder = True
+    for cfg in configs:
+        holder = _launch(cfg, out / cfg.label(), progress=progress)
+    if not holder:
+        return None
+    runs = [load_run(out / c.label(), c.label()) for c in configs]
+    targets = {c.train.target_loss for c in configs}
+    if target_loss is None:
+        target_loss = targets.pop() if len(targets) == 1 and None not in targets else default_target(runs)
+    if report:
+        _report_compare(runs, out, target_loss, configs)
+    return runs
+
+
+def _report_compare(runs: list[RunResult], out: Path, target: float, configs: list[RunConfig]) -> None:
+    from .plots import plot_compare, plot_run
+
+    for run in runs:
+        plot_run(run, run.path / "curves.png")
+    c0 = configs[0]
+    title = (f"{c0.task.kind} ({getattr(c0.task, 'model', '')}), {c0.train.nproc} workers, "
+             f"{c0.train.steps} steps, global batch {c0.train.global_batch}, seed {c0.train.seed}")
+    png = plot_compare(runs, out / "compare.png", target=target, title=title)
+    table = compare_table(runs, target)
+    note = ("target loss: the largest of the runs' best eval losses (every run reached it)"
+            if not any(c.train.target_loss for c in configs) else "target loss from the configs / --target-loss")
+    text = f"{title}\n\n{table}\n\n{note}; bytes are per worker, as the optimizer measured them\n"
+    (out / "compare.txt").write_text(text)
+    (out / "compare.json").write_text(json.dumps({
+        "target_loss": target if math.isfinite(target) else None,
+        "runs": [{"name": r.name, "dir": str(r.path), **{k: r.summary[k] for k in ("final", "best_eval_loss", "wall_time", "train_time", "steps_run")},
+                  "sent_per_worker": r.summary["bytes"]["sent_per_worker"]} for r in runs],
+    }, indent=2, default=str))
+    print("\n" + text)
+    print(f"plot:    {png}\ntable:   {out / 'compare.txt'}\nper run: {out}/<run>/metrics.jsonl, curves.png")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for flag, key in (("steps", "train.steps"), ("global_batch", "train.global_batch"), ("seed", "train.seed"),
+                      ("eval_every", "train.eval_every"), ("target_loss", "train.target_loss")):
+        if getattr(args, flag, None) is not None:
+            out[key] = getattr(args, flag)
+    for item in args.set or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.steps=200 or --set task.model=mlp")
+        out[key] = value
+    return out
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", type=int, help="number of local workers (default: train.nproc; ignored under torchrun)")
+    p.add_argument("--out", help="output directory (default: runs/<name>-<time>)")
+    p.add_argument("--steps", type=int, help="override train.steps")
+    p.add_argument("--global-batch", type=int, help="override train.global_batch (split across workers)")
+    p.add_argument("--seed", type=int, help="override train.seed")
+    p.add_argument("--eval-every", type=int, help="override train.eval_every")
+    p.add_argument("--target-loss", type=float, help="report bytes and time to reach this eval loss")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any field, e.g. task.model=mlp (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    train(args.config, nproc=args.nproc, out=args.out, overrides=_overrides(args), progress=not args.no_progress)
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    ov = _overrides(args)
+    ov.pop("train.target_loss", None)
+    compare(args.configs, task=args.task, nproc=args.nproc, out=args.out, overrides=ov,
+            target_loss=args.target_loss, progress=not args.no_progress)
+    return 0
+
+
+def add_cli(subparsers: Any) -> None:
+    """Register ``train`` and ``compare`` with the ``commlmo`` argument parser."""
+    p = subparsers.add_parser("train", help="train a task on N local workers (or one torchrun rank)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="run config (.yaml/.toml/.json) with optimizer, task and train sections")
+    _common(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = subparsers.add_parser("compare", help="several optimizers on one task, one table and one plot",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("configs", nargs="+", help="run configs, or optimizers (preset names, optimizer files) with --task")
+    p.add_argument("--task", help=f"the task for optimizers given by name: {', '.join(TASKS)}, or a run config file")
+    _common(p)
+    p.set_defaults(func=_cmd_compare)
