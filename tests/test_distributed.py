@@ -89,12 +89,13 @@ def test_measured_bytes_equal_the_transport_formulas(world):
         assert real[r]["signmuon"]["bytes"] == real[0]["signmuon"]["bytes"]
 
 
-def test_vote_is_32x_cheaper_than_float32_mean(world):
+def test_vote_is_32x_cheaper_than_float32_all_reduce_up_to_padding(world):
     m, real, _ = world
     vote = _sent(real[0]["signmuon"]["bytes"][0], "hidden/")
     dense = _sent(real[0]["muonserver_allreduce"]["bytes"][0], "hidden/")
-    # padding to 8*M bytes costs a little on these tiny tensors; bench/comm.py measures large ones
-    assert dense / vote > 20
+    # at most one byte of rounding per tensor and one 8*M-byte word pad; bench/comm.py measures large models
+    slack = 2 * (m - 1) / m * (len(SHAPES) + 8 * m)
+    assert dense / 32 <= vote <= dense / 32 + slack
 
 
 def test_one_rank_through_the_distributed_path_equals_the_single_process_optimizer():

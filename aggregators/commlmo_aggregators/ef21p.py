@@ -6,7 +6,7 @@ model ``W`` (the parameters gradients are taken at)::
     X <- X (1 - lr*wd) - lr * scale * D
     W <- W + C(X - W)
 
-(Gruntkowska, Gaponov, Richtárik 2024, "EF21-P"; used as the downlink of
+(Gruntkowska, Tyurin, Richtárik 2023, "EF21-P and Friends"; used as the downlink of
 EF21-Muon and of the SignMuon paper's EF21-MuonSign).  Here every rank runs
 the server role redundantly, so ``X`` lives in each rank's optimizer state
 (``ef21p_model``) and the compressed difference is applied identically on all.

@@ -68,6 +68,8 @@ class MajorityVote(Aggregator):
             voted = packed
         else:
             n = packed.numel()
+            # owner shards are whole 64-bit words; tie bits are drawn for that length under
+            # every transport, so a coordinate gets the same tie bit whichever transport runs
             padded_len = -(-n // (8 * m)) * 8 * m
             buf = torch.cat([packed, packed.new_zeros(padded_len - n)])
             tie = (
@@ -82,9 +84,11 @@ class MajorityVote(Aggregator):
                 mine = tie.view(m, -1)[comm.rank] if tie is not None else None
                 shard = vote_words(rows.view(torch.int64), tie_bits=_words(mine))
                 voted = comm.all_gather(shard.view(torch.uint8), label=name).reshape(-1)[:n]
-            elif transport == "allgather":
-                rows = comm.all_gather(buf, label=name)
-                voted = vote_words(rows.view(torch.int64), tie_bits=_words(tie)).view(torch.uint8)[:n]
+            elif transport == "allgather":  # whole 64-bit words suffice here
+                words = -(-n // 8) * 8
+                rows = comm.all_gather(buf[:words], label=name)
+                tie_words = _words(tie[:words]) if tie is not None else None
+                voted = vote_words(rows.view(torch.int64), tie_bits=tie_words).view(torch.uint8)[:n]
             else:
                 voted = self._int8_vote(vectors, payloads, uplink, comm, tie, name)
         out, offset = [], 0
