@@ -50,6 +50,7 @@ class ByteCounter:
     total: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
 
     def record(self, label: str, handed: int, sent: float, received: float) -> None:
+        """Add one collective call: bytes handed to it and bytes this rank sent and received."""
         for book in (self.step, self.total):
             row = book[label]
             row["calls"] += 1
@@ -58,6 +59,7 @@ class ByteCounter:
             row["received"] += int(round(received))
 
     def new_step(self) -> None:
+        """Start a new step's book (the optimizer calls this at the top of ``step``)."""
         self.step = defaultdict(lambda: defaultdict(int))
 
     @staticmethod
@@ -66,21 +68,26 @@ class ByteCounter:
 
     @property
     def step_sent(self) -> int:
+        """Bytes this rank sent in the last step, all collectives together."""
         return self._sum(self.step, "sent")
 
     @property
     def step_received(self) -> int:
+        """Bytes this rank received in the last step."""
         return self._sum(self.step, "received")
 
     @property
     def total_sent(self) -> int:
+        """Bytes this rank sent since the optimizer was built."""
         return self._sum(self.total, "sent")
 
     @property
     def total_received(self) -> int:
+        """Bytes this rank received since the optimizer was built."""
         return self._sum(self.total, "received")
 
     def as_dict(self) -> dict[str, Any]:
+        """Plain-dict snapshot (for JSON logs)."""
         return {
             "step": {k: dict(v) for k, v in self.step.items()},
             "total": {k: dict(v) for k, v in self.total.items()},
@@ -147,6 +154,7 @@ class Communicator:
         return self._all_max_(t)
 
     def describe(self) -> str:
+        """One line naming the communicator, its rank and world size."""
         return f"{type(self).__name__}(rank={self.rank}, world_size={self.world_size})"
 
     # -- backend ---------------------------------------------------------
@@ -198,6 +206,7 @@ class TorchComm(Communicator):
         return out
 
     def describe(self) -> str:
+        """One line naming the backend, rank and world size."""
         return f"TorchComm(backend={self.backend}, rank={self.rank}, world_size={self.world_size})"
 
 

@@ -74,6 +74,15 @@ def _plugin_field(family: str):
     return Annotated[SerializeAsAny[PluginConfig], BeforeValidator(_validate)]
 
 
+#: the plugins a group gets when its config does not name them
+GROUP_DEFAULTS: dict[str, dict[str, Any]] = {
+    "lmo": {"kind": "spectral"},
+    "uplink": {"kind": "identity"},
+    "aggregator": {"kind": "mean"},
+    "downlink": {"kind": "identity"},
+    "lr_rule": {"kind": "original"},
+}
+
 LMOField = _plugin_field("lmo")
 CompressorField = _plugin_field("compressor")
 AggregatorField = _plugin_field("aggregator")
@@ -88,9 +97,9 @@ class MomentumConfig(_Model):
     """``ema``: ``M = beta*M + (1-beta)*G`` (torch.optim.Muon, SignMuon); ``heavy_ball``:
     ``M = beta*M + G``.  Nesterov uses ``(1-beta)*G + beta*M`` (ema) or ``G + beta*M``."""
 
-    beta: float = Field(0.95, ge=0.0, lt=1.0)
-    kind: Literal["ema", "heavy_ball"] = "ema"
-    nesterov: bool = True
+    beta: float = Field(0.95, ge=0.0, lt=1.0, description="Momentum coefficient β.")
+    kind: Literal["ema", "heavy_ball"] = Field("ema", description="`ema`: M = βM + (1 − β)G; `heavy_ball`: M = βM + G.")
+    nesterov: bool = Field(True, description="Step along the look-ahead (1 − β)G + βM (`ema`) or G + βM (`heavy_ball`).")
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> MomentumConfig:
@@ -102,11 +111,14 @@ class MomentumConfig(_Model):
 class ParamMatch(_Model):
     """Which parameters a group takes: any name glob in ``names``, none in ``exclude``, ``ndim`` in ``ndim``."""
 
-    names: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
-    exclude: list[str] = Field(default_factory=list)
-    ndim: list[Annotated[int, Field(ge=0, le=8)]] | None = Field(default_factory=lambda: [2, 3, 4, 5])
+    names: list[str] = Field(default_factory=lambda: ["*"], min_length=1,
+                             description="Globs (fnmatch, case-sensitive) on qualified parameter names; any one may match.")
+    exclude: list[str] = Field(default_factory=list, description="Globs that reject a parameter that `names` matched.")
+    ndim: list[Annotated[int, Field(ge=0, le=8)]] | None = Field(
+        default_factory=lambda: [2, 3, 4, 5], description="Accepted tensor ranks; `null` accepts every rank.")
 
     def matches(self, name: str, tensor: torch.Tensor) -> bool:
+        """Whether the parameter ``name`` (with this tensor) belongs to the group."""
         if self.ndim is not None and tensor.ndim not in self.ndim:
             return False
         if not any(fnmatch.fnmatchcase(name, pat) for pat in self.names):
@@ -117,17 +129,27 @@ class ParamMatch(_Model):
 class GroupConfig(_Model):
     """One row of choices, applied to the parameters that ``params`` selects."""
 
-    name: str = Field(min_length=1)
-    params: ParamMatch = Field(default_factory=ParamMatch)
-    lmo: LMOField | None = Field(default_factory=lambda: {"kind": "spectral"})  # type: ignore[valid-type]
-    lmo_at: Literal["worker", "server", "none"] = "server"
-    uplink: CompressorField = Field(default_factory=lambda: {"kind": "identity"})  # type: ignore[valid-type]
-    aggregator: AggregatorField = Field(default_factory=lambda: {"kind": "mean"})  # type: ignore[valid-type]
-    downlink: CompressorField = Field(default_factory=lambda: {"kind": "identity"})  # type: ignore[valid-type]
-    lr: float = Field(0.02, ge=0.0)
-    lr_rule: LRRuleField = Field(default_factory=lambda: {"kind": "original"})  # type: ignore[valid-type]
-    momentum: MomentumConfig = Field(default_factory=MomentumConfig)
-    weight_decay: float = Field(0.0, ge=0.0)
+    name: str = Field(min_length=1, description="Unique group name, used by overrides "
+                      "(`groups: {hidden: {...}}`) and byte-accounting labels.")
+    params: ParamMatch = Field(default_factory=ParamMatch, description="Which parameters the group takes.")
+    lmo: LMOField | None = Field(  # type: ignore[valid-type]
+        default_factory=lambda: dict(GROUP_DEFAULTS["lmo"]), description="The LMO; `null` together with `lmo_at: none`.")
+    lmo_at: Literal["worker", "server", "none"] = Field(
+        "server", description="Where the LMO runs: on each `worker` before the uplink, on the `server` role "
+        "after aggregation, or `none`.")
+    uplink: CompressorField = Field(  # type: ignore[valid-type]
+        default_factory=lambda: dict(GROUP_DEFAULTS["uplink"]), description="Compressor of each worker's message.")
+    aggregator: AggregatorField = Field(  # type: ignore[valid-type]
+        default_factory=lambda: dict(GROUP_DEFAULTS["aggregator"]), description="How the workers' messages are combined.")
+    downlink: CompressorField = Field(  # type: ignore[valid-type]
+        default_factory=lambda: dict(GROUP_DEFAULTS["downlink"]),
+        description="Compressor of the server's step before every worker applies it (`ef21p` compresses the model).")
+    lr: float = Field(0.02, ge=0.0, description="Learning rate.")
+    lr_rule: LRRuleField = Field(  # type: ignore[valid-type]
+        default_factory=lambda: dict(GROUP_DEFAULTS["lr_rule"]),
+        description="Per-layer multiplier `scale(X)` of the learning rate.")
+    momentum: MomentumConfig = Field(default_factory=MomentumConfig, description="Momentum of each worker's gradient.")
+    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay `wd`: X ← X(1 − lr·wd) before the step.")
 
     @model_validator(mode="after")
     def _compatible(self) -> GroupConfig:
@@ -155,9 +177,10 @@ class GroupConfig(_Model):
 class FallbackConfig(_Model):
     """Optimizer for the parameters no group takes, fed with the mean gradient."""
 
-    optimizer: str = "AdamW"
-    lr: float = Field(1e-3, ge=0.0)
-    options: dict[str, Any] = Field(default_factory=dict)
+    optimizer: str = Field("AdamW", description="Name of a `torch.optim` optimizer class.")
+    lr: float = Field(1e-3, ge=0.0, description="Its learning rate.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Other keyword arguments of that optimizer, e.g. `{weight_decay: 0.01}`.")
 
     @field_validator("optimizer")
     @classmethod
@@ -179,19 +202,25 @@ class FallbackConfig(_Model):
         return self
 
     def build(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        """The torch optimizer over ``params``."""
         return getattr(torch.optim, self.optimizer)(params, lr=self.lr, **self.options)
 
 
 class OptimizerConfig(_Model):
     """A whole optimizer: groups (first match wins), the fallback, and run-wide options."""
 
-    preset: str | None = None
-    groups: list[GroupConfig] = Field(min_length=1)
-    fallback: FallbackConfig = Field(default_factory=FallbackConfig)
-    seed: int = Field(0, ge=0)
-    nonfinite: Literal["raise", "skip"] = "raise"
-    #: every this many steps, compare a checksum of every parameter across ranks (0: never)
-    verify_every: int = Field(0, ge=0)
+    preset: str | None = Field(None, description="Start from this preset; every other field given here overrides it "
+                               "(`groups` given as a mapping merges into the preset's groups by name).")
+    groups: list[GroupConfig] = Field(min_length=1, description="The rows of choices, tried in order: a parameter "
+                                      "goes to the first group whose `params` match it.")
+    fallback: FallbackConfig = Field(default_factory=FallbackConfig,
+                                     description="The optimizer of the parameters no group takes (fed the mean gradient).")
+    seed: int = Field(0, ge=0, description="Seed of the random streams (sign of zeros, vote tie-breaks, stochastic compressors).")
+    nonfinite: Literal["raise", "skip"] = Field(
+        "raise", description="A gradient with NaN or Inf on any rank: `raise` an error, or `skip` the step; "
+        "either way nothing is sent and no state changes.")
+    verify_every: int = Field(0, ge=0, description="Every this many steps, compare an exact checksum of every "
+                              "parameter across ranks and raise if they diverged (0: never).")
 
     @field_validator("groups")
     @classmethod
@@ -364,11 +393,11 @@ def config_json_schema() -> dict[str, Any]:
     group = create_model(
         "GroupConfig",
         __base__=GroupConfig,
-        lmo=(union("lmo") | None, None),
-        uplink=(union("compressor"), None),
-        aggregator=(union("aggregator"), None),
-        downlink=(union("compressor"), None),
-        lr_rule=(union("lr_rule"), None),
+        lmo=(union("lmo") | None, GROUP_DEFAULTS["lmo"]),
+        uplink=(union("compressor"), GROUP_DEFAULTS["uplink"]),
+        aggregator=(union("aggregator"), GROUP_DEFAULTS["aggregator"]),
+        downlink=(union("compressor"), GROUP_DEFAULTS["downlink"]),
+        lr_rule=(union("lr_rule"), GROUP_DEFAULTS["lr_rule"]),
     )
     full = create_model("OptimizerConfig", __base__=OptimizerConfig, groups=(list[group], ...))  # type: ignore[valid-type]
     return full.model_json_schema()

@@ -35,10 +35,12 @@ def free_port() -> int:
 
 
 def launched_by_torchrun() -> bool:
+    """Whether the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) is set."""
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
 def default_backend() -> str:
+    """NCCL when CUDA is available, else gloo."""
     return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
 
 

@@ -222,6 +222,11 @@ class CommOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
+        """torch's state dict plus ``"commlmo"``: random generators, the fallback's state, step counts.
+
+        Momentum, EF21 estimators and the EF21-P exact model are per-parameter
+        state, saved as usual; together this resumes a run bitwise.
+        """
         sd = super().state_dict()
         sd["commlmo"] = {
             "generators": [rt.generators.state() for rt in self._runtimes],
@@ -233,6 +238,7 @@ class CommOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved (same config and parameters)."""
         state_dict = dict(state_dict)
         extra = state_dict.pop("commlmo", None)
         if extra is None:

@@ -90,6 +90,7 @@ class Plugin:
 
     @property
     def kind(self) -> str:
+        """The registered name (``config.kind``)."""
         return self.config.kind
 
     def __repr__(self) -> str:
@@ -122,6 +123,7 @@ class LMOCapabilities:
     step_family: Literal["lmo", "sign"] = "lmo"
 
     def accepts(self, ndim: int) -> bool:
+        """Whether a tensor of rank ``ndim`` is accepted."""
         return ndim >= self.min_ndim and (self.max_ndim is None or ndim <= self.max_ndim)
 
 
@@ -196,6 +198,7 @@ class Payload:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the wire tensors: what this message costs on the network."""
         return sum(t.numel() * t.element_size() for t in self.wire)
 
 
@@ -211,9 +214,11 @@ class Encoded:
     codec: "Compressor"
 
     def decode(self) -> Tensor:
+        """The dense aggregate."""
         return self.codec.decompress(self.payload)
 
     def add_to_(self, target: Tensor, *, alpha: float) -> Tensor:
+        """``target += alpha * aggregate`` without materialising the dense aggregate where possible."""
         return self.codec.decompress_add_(target, self.payload, alpha=alpha)
 
 
@@ -255,9 +260,11 @@ class Compressor(Plugin):
     capabilities: ClassVar[CompressorCapabilities] = CompressorCapabilities()
 
     def compress(self, x: Tensor, *, generator: torch.Generator | None = None) -> Payload:
+        """Encode ``x`` (never mutated); stochastic compressors draw only from ``generator``."""
         raise NotImplementedError
 
     def decompress(self, payload: Payload) -> Tensor:
+        """Decode a payload (this rank's or another's) to a tensor of the original shape, dtype and device."""
         raise NotImplementedError
 
     def decompress_add_(self, target: Tensor, payload: Payload, *, alpha: float = 1.0) -> Tensor:
@@ -329,6 +336,7 @@ class Aggregator(Plugin):
         return None
 
     def init_state(self, param: Tensor) -> dict[str, Tensor]:
+        """Per-parameter state tensors (stored in ``optimizer.state[param]``, so checkpointed)."""
         return {}
 
     def aggregate(
@@ -341,4 +349,5 @@ class Aggregator(Plugin):
         generators: Any,
         label: str,
     ) -> list[Tensor | Encoded]:
+        """Compress, communicate and combine the workers' vectors; see the class docstring."""
         raise NotImplementedError

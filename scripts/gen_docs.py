@@ -321,46 +321,8 @@ def gen_presets(out: Path) -> None:
 # --------------------------------------------------------------------------- config reference
 
 #: descriptions of the core config fields that carry none in the code (checked against it below)
-CORE_NOTES: dict[str, dict[str, str]] = {
-    "OptimizerConfig": {
-        "preset": "Start from this preset; every other field given here overrides it "
-                  "(`groups` given as a mapping merges into the preset's groups by name).",
-        "groups": "The rows of choices, tried in order: a parameter goes to the first group whose `params` match it.",
-        "fallback": "The optimizer of the parameters no group takes.",
-        "seed": "Seed of the random streams (sign of zeros, vote tie-breaks, stochastic compressors).",
-        "nonfinite": "A gradient with NaN or Inf: `raise` an error, or `skip` the step; "
-                     "either way nothing is sent and no state changes.",
-    },
-    "GroupConfig": {
-        "name": "Unique group name, used by overrides (`groups: {hidden: {...}}`) and byte-accounting labels.",
-        "params": "Which parameters the group takes.",
-        "lmo": "The LMO; `null` together with `lmo_at: none`.",
-        "lmo_at": "Where the LMO runs: on each `worker` before the uplink, on the `server` role after "
-                  "aggregation, or `none`.",
-        "uplink": "Compressor of each worker's message.",
-        "aggregator": "How the workers' messages are combined.",
-        "downlink": "Compressor of the server's step before every worker applies it.",
-        "lr": "Learning rate.",
-        "lr_rule": "Per-layer multiplier `scale(X)` of the learning rate.",
-        "momentum": "Momentum of each worker's gradient.",
-        "weight_decay": "Decoupled weight decay `wd`: X ← X(1 − lr·wd) before the step.",
-    },
-    "ParamMatch": {
-        "names": "Globs (fnmatch, case-sensitive) on qualified parameter names; any one may match.",
-        "exclude": "Globs that reject a parameter that `names` matched.",
-        "ndim": "Accepted tensor ranks; `null` accepts every rank.",
-    },
-    "MomentumConfig": {
-        "beta": "Momentum coefficient β.",
-        "kind": "`ema`: M = βM + (1 − β)G; `heavy_ball`: M = βM + G.",
-        "nesterov": "Step along the look-ahead (1 − β)G + βM (`ema`) or G + βM (`heavy_ball`).",
-    },
-    "FallbackConfig": {
-        "optimizer": "Name of a `torch.optim` optimizer class.",
-        "lr": "Its learning rate.",
-        "options": "Other keyword arguments of that optimizer, e.g. `{weight_decay: 0.01}`.",
-    },
-}
+#: extra notes for core config fields beyond their ``Field(description=...)`` (none needed today)
+CORE_NOTES: dict[str, dict[str, str]] = {}
 CORE_PATHS = {"OptimizerConfig": "top level", "GroupConfig": "`groups[]`", "ParamMatch": "`groups[].params`",
               "MomentumConfig": "`groups[].momentum`", "FallbackConfig": "`fallback`"}
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+from pydantic import Field
+
 import torch
 from torch import Tensor
 
@@ -30,8 +32,11 @@ __all__ = ["EF21", "EF21Config"]
 
 
 class EF21Config(PluginConfig):
+    """Config of ``ef21``."""
+
     kind: Literal["ef21"] = "ef21"
-    transport: Literal["auto", "owner", "allreduce", "allgather"] = "auto"
+    transport: Literal["auto", "owner", "allreduce", "allgather"] = Field(
+        "auto", description="How the compressed differences travel, as for `mean`.")
 
 
 class EF21(Aggregator):

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from torch import Tensor
 
 from commlmo import registry
@@ -27,8 +27,10 @@ __all__ = ["EF21P", "EF21PConfig"]
 
 
 class EF21PConfig(PluginConfig):
+    """Config of ``ef21p``."""
+
     kind: Literal["ef21p"] = "ef21p"
-    compressor: Any = {"kind": "sign", "scale": "mean"}
+    compressor: Any = Field({"kind": "sign", "scale": "mean"}, description="The compressor of the model difference X - W.")
 
     @field_validator("compressor", mode="before")
     @classmethod

@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+from pydantic import Field
+
 import torch
 from torch import Tensor
 
@@ -36,8 +38,12 @@ __all__ = ["MajorityVote", "MajorityVoteConfig"]
 
 
 class MajorityVoteConfig(PluginConfig):
+    """Config of ``majorityvote``."""
+
     kind: Literal["majority_vote"] = "majority_vote"
-    transport: Literal["auto", "owner", "int8", "allgather"] = "auto"
+    transport: Literal["auto", "owner", "int8", "allgather"] = Field(
+        "auto", description="How the votes travel: `owner` (all-to-all of packed shards, owner votes, all-gather), "
+        "`int8` (sum all-reduce of +-1), `allgather`; `auto` takes the cheapest (owner).")
 
 
 class MajorityVote(Aggregator):

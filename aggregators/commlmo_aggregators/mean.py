@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+from pydantic import Field
+
 from torch import Tensor
 
 from commlmo.plugin import Aggregator, Compressor, PluginConfig
@@ -16,11 +18,13 @@ MeanTransport = Literal["auto", "owner", "allreduce", "allgather"]
 
 
 class MeanConfig(PluginConfig):
+    """Config of ``mean``."""
+
     kind: Literal["mean"] = "mean"
-    #: ``owner``: all-to-all + owner sum + all-gather (rank-ordered, bitwise reproducible);
-    #: ``allreduce``: the backend's all-reduce; ``allgather``: every rank decodes every payload.
-    #: ``auto`` picks the cheapest the uplink allows (owner for summable payloads).
-    transport: MeanTransport = "auto"
+    transport: MeanTransport = Field(
+        "auto", description="`owner`: all-to-all, owner sums in rank order, all-gather (bitwise reproducible); "
+        "`allreduce`: the backend's all-reduce; `allgather`: every rank decodes every payload; "
+        "`auto`: the cheapest the uplink allows (owner for summable payloads).")
 
 
 def pick_mean_transport(transport: str, uplink: Compressor, *, world_size: int = 2, payload_bytes: int = 1) -> str:
