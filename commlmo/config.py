@@ -353,6 +353,11 @@ def load_config(source: Any) -> OptimizerConfig:
         elif Path(text).suffix.lower() in (".yaml", ".yml", ".toml", ".json") or Path(text).exists():
             raw = read_config_file(text)
             label = text
+        elif Path(text).suffix:
+            raise ConfigError(
+                f"{text!r} is not a preset, and {Path(text).suffix!r} is not a config file extension; "
+                "use .yaml, .yml, .toml or .json"
+            )
         else:
             raise ConfigError(
                 f"{text!r} is neither a config file nor a preset{did_you_mean(text, PRESETS)}; "

@@ -90,6 +90,8 @@ def test_file_errors(tmp_path):
     wrong.write_text("x")
     with pytest.raises(ConfigError, match="unknown extension '.ini'"):
         load_config(wrong)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / 'x.json'))
     with pytest.raises(ConfigError, match="neither a config file nor a preset"):
         load_config("no-such-thing")
 
