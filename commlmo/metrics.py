@@ -136,7 +136,8 @@ def run_table(run: RunResult) -> str:
     b = s["bytes"]
     rows += [
         ["sent per worker", f"{human_bytes(b['sent_per_worker'])} ({human_bytes(b['sent_per_worker'] / steps)}/step)"],
-        ["received per worker", f"{human_bytes(b['received_per_worker'])} ({human_bytes(b['received_per_worker'] / steps)}/step)"],
+        ["received per worker",
+         f"{human_bytes(b['received_per_worker'])} ({human_bytes(b['received_per_worker'] / steps)}/step)"],
         ["wall time", f"{_seconds(s['wall_time'])} ({1000 * s['train_time'] / steps:.1f} ms/step training)"],
     ]
     if s.get("target_loss") is not None:

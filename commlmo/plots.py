@@ -70,7 +70,8 @@ def plot_run(run: RunResult, path: str | Path) -> Path:
         ax_acc = rest[0]
         if steps and "acc" in steps[0]:
             ax_acc.plot(xs, _ema([r["acc"] for r in steps]), color="C0", lw=1.2, label="train, smoothed")
-        ax_acc.plot([r["step"] for r in evals], [r.get("eval_acc", math.nan) for r in evals], "o-", color="C3", ms=3, label="eval")
+        ax_acc.plot([r["step"] for r in evals], [r.get("eval_acc", math.nan) for r in evals], "o-",
+                    color="C3", ms=3, label="eval")
         ax_acc.set(xlabel="step", ylabel="accuracy", title="accuracy")
         ax_acc.legend(fontsize=8)
     for ax in fig.axes:

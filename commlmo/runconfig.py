@@ -221,7 +221,7 @@ def load_run_config(source: Any, overrides: Mapping[str, Any] | None = None) -> 
         raw = dict(source)
     else:
         path = Path(str(source))
-        if not path.suffix.lower() in (".yaml", ".yml", ".toml", ".json"):
+        if path.suffix.lower() not in (".yaml", ".yml", ".toml", ".json"):
             raise ConfigError(
                 f"{str(source)!r} is not a run config file (.yaml, .yml, .toml or .json); "
                 f"named tasks for `commlmo compare --task`: {', '.join(TASKS)}"

@@ -50,33 +50,47 @@ def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _launch(cfg: RunConfig, out: Path, *, progress: bool) -> bool:
-    """Run ``cfg`` on its workers; True where this process holds the results (the parent, or rank 0)."""
-    raw = cfg.model_dump(mode="json")
+def _launch(jobs: list[tuple[RunConfig, Path]], *, progress: bool) -> bool:
+    """Run each ``(config, out)`` in turn on one set of workers; True where this process holds the results.
+
+    The workers are started once for all the jobs (a comparison pays the process
+    start-up once), so every job must ask for the same number of workers.
+    """
+    from .worker import run_many
+
+    nprocs = {cfg.train.nproc for cfg, _ in jobs}
+    backends = {cfg.train.backend for cfg, _ in jobs}
+    if len(nprocs) > 1 or len(backends) > 1:  # cannot share the workers: one launch per job
+        return all([_launch([job], progress=progress) for job in jobs])
+    first = jobs[0][0].train
+    payload = [(cfg.model_dump(mode="json"), str(out)) for cfg, out in jobs]
     if launched_by_torchrun():
-        from .worker import run_rank
-
-        rank, world = init_from_env(backend=None if cfg.train.backend == "auto" else cfg.train.backend,
-                                    timeout_s=cfg.train.timeout_s)
-        shard_size(cfg.train.global_batch, world)
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.yaml").write_text(cfg.to_yaml())
-        run_rank(rank, world, raw, str(out) if rank == 0 else None, progress)
+        rank, world = init_from_env(backend=None if first.backend == "auto" else first.backend,
+                                    timeout_s=first.timeout_s)
+        for cfg, out in jobs:
+            shard_size(cfg.train.global_batch, world)
+            if rank == 0:
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "config.yaml").write_text(cfg.to_yaml())
+        run_many(rank, world, payload, progress)
         return rank == 0
-    nproc = cfg.train.nproc
-    shard_size(cfg.train.global_batch, nproc)  # fail here, not in every worker
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(cfg.to_yaml())
-    if nproc == 1:
-        from .worker import run_rank
+    for cfg, out in jobs:
+        shard_size(cfg.train.global_batch, cfg.train.nproc)  # fail here, not in every worker
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(cfg.to_yaml())
+    if first.nproc == 1:  # in this process, on one thread like each spawned worker
+        import torch
 
-        run_rank(0, 1, raw, str(out), progress)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            run_many(0, 1, payload, progress)
+        finally:
+            torch.set_num_threads(threads)
     else:
-        from .worker import run_rank
-
-        backend = default_backend() if cfg.train.backend == "auto" else cfg.train.backend
-        spawn(run_rank, nproc, raw, str(out), progress, backend=backend, timeout_s=cfg.train.timeout_s)
+        backend = default_backend() if first.backend == "auto" else first.backend
+        timeout = sum(cfg.train.timeout_s for cfg, _ in jobs)
+        spawn(run_many, first.nproc, payload, progress, backend=backend, timeout_s=timeout)
     return True
 
 
@@ -96,7 +110,7 @@ def train(config: Any, *, nproc: int | None = None, out: str | Path | None = Non
         overrides["train.nproc"] = nproc
     cfg = load_run_config(config, overrides)
     out = Path(out) if out else Path("runs") / f"{cfg.label()}-{_stamp()}"
-    if not _launch(cfg, out, progress=progress):
+    if not _launch([(cfg, out)], progress=progress):
         return None
     run = load_run(out)
     if report:
@@ -126,7 +140,9 @@ def compare_configs(sources: Sequence[Any], *, task: str | None = None, nproc: i
         elif is_run_config(task):
             template = load_run_config(task).model_dump(mode="json", exclude={"name", "optimizer"})
         else:
-            raise ConfigError(f"--task {task!r}: neither a named task ({', '.join(TASKS)}) nor a run config file with a 'task' section")
+            raise ConfigError(
+                f"--task {task!r}: neither a named task ({', '.join(TASKS)}) nor a run config file with a 'task' section"
+            )
     configs = []
     for src in sources:
         if is_run_config(src):
@@ -156,10 +172,7 @@ def compare(sources: Sequence[Any], *, task: str | None = None, nproc: int | Non
     if (len(tasks) > 1 or len(seeds) > 1) and _is_rank0():
         print("commlmo compare: note: the runs differ in task or seed, so the table compares more than the optimizer",
               file=sys.stderr)
-    holder = True
-    for cfg in configs:
-        holder = _launch(cfg, out / cfg.label(), progress=progress)
-    if not holder:
+    if not _launch([(cfg, out / cfg.label()) for cfg in configs], progress=progress):
         return None
     runs = [load_run(out / c.label(), c.label()) for c in configs]
     targets = {c.train.target_loss for c in configs}
@@ -186,7 +199,8 @@ def _report_compare(runs: list[RunResult], out: Path, target: float, configs: li
     (out / "compare.txt").write_text(text)
     (out / "compare.json").write_text(json.dumps({
         "target_loss": target if math.isfinite(target) else None,
-        "runs": [{"name": r.name, "dir": str(r.path), **{k: r.summary[k] for k in ("final", "best_eval_loss", "wall_time", "train_time", "steps_run")},
+        "runs": [{"name": r.name, "dir": str(r.path),
+                  **{k: r.summary[k] for k in ("final", "best_eval_loss", "wall_time", "train_time", "steps_run")},
                   "sent_per_worker": r.summary["bytes"]["sent_per_worker"]} for r in runs],
     }, indent=2, default=str))
     print("\n" + text)

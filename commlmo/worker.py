@@ -30,6 +30,7 @@ import math
 import os
 import platform
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from .optimizer import build_optimizer
 from .runconfig import RunConfig, load_run_config
 from .tasks import build_task, prepare_task
 
-__all__ = ["run_rank"]
+__all__ = ["run_rank", "run_many"]
 
 
 def _device(cfg: RunConfig, rank: int) -> torch.device:
@@ -92,6 +93,8 @@ def run_rank(rank: int, world_size: int, raw_config: dict[str, Any], out_dir: st
     Returns the run summary on rank 0 (``{"rank": r}`` elsewhere).  Module-level
     so :func:`commlmo.launch.spawn` can start it in fresh processes.
     """
+    # torch deprecates the collective commlmo.comm uses; once per rank is noise in every run's output
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     cfg = load_run_config(raw_config)
     tc = cfg.train
     device = _device(cfg, rank)
@@ -207,3 +210,9 @@ def run_rank(rank: int, world_size: int, raw_config: dict[str, Any], out_dir: st
 
 def _due(step: int, tc: Any) -> bool:
     return step == tc.steps or (tc.eval_every > 0 and step % tc.eval_every == 0)
+
+
+def run_many(rank: int, world_size: int, jobs: list[tuple[dict[str, Any], str | None]],
+             progress: bool = True) -> list[dict[str, Any]]:
+    """:func:`run_rank` for each ``(raw_config, out_dir)`` in turn, on the same workers."""
+    return [run_rank(rank, world_size, raw, out if rank == 0 else None, progress) for raw, out in jobs]

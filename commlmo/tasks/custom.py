@@ -88,7 +88,9 @@ def _data(target: str, data: Any) -> tuple[torch.Tensor, ...]:
             raise ConfigError(f"{target} returned data without {sorted(missing)}; expected keys x, y[, x_test, y_test]")
         data = (data["x"], data["y"], data.get("x_test"), data.get("y_test"))
     if not isinstance(data, (tuple, list)) or len(data) not in (2, 4):
-        raise ConfigError(f"{target} must return (model, (x, y)) or (model, (x, y, x_test, y_test)); got data {type(data).__name__}")
+        raise ConfigError(
+            f"{target} must return (model, (x, y)) or (model, (x, y, x_test, y_test)); got data {type(data).__name__}"
+        )
     return tuple(torch.as_tensor(d) if d is not None else None for d in data)  # type: ignore[return-value]
 
 
