@@ -86,12 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="a .yaml/.yml/.toml/.json file or a preset name")
     p.set_defaults(func=_cmd_validate)
 
-    try:
-        from .train import add_cli  # the training harness registers train/compare
-    except ImportError:  # pragma: no cover - the harness is part of the package
-        pass
-    else:
-        add_cli(sub)
+    from .train import add_cli  # the training harness registers train/compare
+
+    add_cli(sub)
     return parser
 
 

@@ -175,6 +175,10 @@ class LocalComm(Communicator):
     """A world of one process: no collective is ever called."""
 
 
+# torch 2.13 renamed all_gather_into_tensor (the old name warns); older releases lack the new one
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class TorchComm(Communicator):
     """Collectives of a ``torch.distributed`` process group (default: the world)."""
 
@@ -197,7 +201,7 @@ class TorchComm(Communicator):
 
     def _all_gather(self, t: Tensor) -> Tensor:
         out = torch.empty((self.world_size * t.numel(),), dtype=t.dtype, device=t.device)
-        dist.all_gather_into_tensor(out, t.reshape(-1), group=self.group)
+        _all_gather_flat(out, t.reshape(-1), group=self.group)
         return out.view(self.world_size, *t.shape)
 
     def _all_to_all(self, t: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ import os
 import pickle
 import socket
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -81,29 +82,30 @@ def spawn(
     world_size: int,
     *args: Any,
     backend: str = "gloo",
-    timeout_s: float = 120.0,
+    timeout_s: float | None = 120.0,
+    collective_timeout_s: float | None = None,
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes joined by a process group.
 
     ``fn`` must be importable (a module-level function).  Returns each rank's
     return value, in rank order; if any rank fails, raises with that rank's
-    traceback.  ``timeout_s`` bounds both the collectives and the whole run.
+    traceback.  ``timeout_s`` bounds the whole run (``None``: no bound);
+    ``collective_timeout_s`` (default: ``timeout_s``, else 300 s) bounds each
+    collective.  When a rank dies, the survivors get ``collective_timeout_s`` to
+    notice (gloo usually errors at once on the closed connection) before they are
+    killed, so a dead rank never leaves the others hanging.
     """
     ctx = mp.get_context("spawn")
     port = free_port()
+    coll = collective_timeout_s or timeout_s or 300.0
     with tempfile.TemporaryDirectory(prefix="commlmo-spawn-") as outdir:
         procs = [
-            ctx.Process(target=_entry, args=(r, world_size, port, backend, timeout_s, fn, args, outdir), daemon=False)
+            ctx.Process(target=_entry, args=(r, world_size, port, backend, coll, fn, args, outdir), daemon=False)
             for r in range(world_size)
         ]
         for p in procs:
             p.start()
-        for p in procs:
-            p.join(timeout_s + 30)
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
+        _wait(procs, timeout_s=timeout_s, grace_s=coll + 10)
         results, failures = [], []
         for r in range(world_size):
             path = Path(outdir) / f"rank{r}.pkl"
@@ -119,3 +121,21 @@ def spawn(
         if failures:
             raise DistributedError(f"{len(failures)} of {world_size} ranks failed:\n" + "\n".join(failures))
         return results
+
+
+def _wait(procs: list, *, timeout_s: float | None, grace_s: float) -> None:
+    """Join ``procs``; kill them past ``timeout_s``, or ``grace_s`` after the first one failed."""
+    start = time.monotonic()
+    first_failure: float | None = None
+    while any(p.is_alive() for p in procs):
+        now = time.monotonic()
+        if first_failure is None and any(p.exitcode not in (None, 0) for p in procs):
+            first_failure = now
+        late = timeout_s is not None and now - start > timeout_s
+        if late or (first_failure is not None and now - first_failure > grace_s):
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+        time.sleep(0.05)
+    for p in procs:
+        p.join()

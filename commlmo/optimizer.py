@@ -28,7 +28,7 @@ from .comm import Communicator, make_communicator
 from .config import OptimizerConfig, load_config
 from .errors import ConfigError, DistributedError, NonFiniteGradientError
 from .consistency import check_layout, verify_parameters
-from .pipeline import GroupRuntime
+from .pipeline import Adversary, GroupRuntime
 
 __all__ = ["CommOptimizer", "build_optimizer", "named_parameters_of"]
 
@@ -59,7 +59,14 @@ def named_parameters_of(model_or_params: Any) -> list[tuple[str, Tensor]]:
 class CommOptimizer(torch.optim.Optimizer):
     """Communication-efficient layer-wise LMO optimizer described by an :class:`OptimizerConfig`."""
 
-    def __init__(self, named_params: Iterable[tuple[str, Tensor]], config: OptimizerConfig, *, comm: Communicator):
+    def __init__(
+        self,
+        named_params: Iterable[tuple[str, Tensor]],
+        config: OptimizerConfig,
+        *,
+        comm: Communicator,
+        adversary: Adversary | None = None,
+    ):
         self.config, self.comm = config, comm
         named = list(named_params)
         routed: list[list[tuple[str, Tensor]]] = [[] for _ in config.groups]
@@ -78,6 +85,7 @@ class CommOptimizer(torch.optim.Optimizer):
             if not members:
                 continue
             rt = GroupRuntime.build(gcfg, index=i, seed=config.seed, rank=comm.rank, device=members[0][1].device)
+            rt.adversary = adversary
             for name, p in members:
                 if rt.lmo is not None and not rt.lmo.capabilities.accepts(p.ndim):
                     raise ConfigError(
@@ -257,14 +265,22 @@ class CommOptimizer(torch.optim.Optimizer):
             self.param_groups.extend(self.fallback.param_groups)
 
 
-def build_optimizer(model_or_named_params: Any, config: Any = "muon", *, process_group: Any = None) -> CommOptimizer:
+def build_optimizer(
+    model_or_named_params: Any,
+    config: Any = "muon",
+    *,
+    process_group: Any = None,
+    adversary: Adversary | None = None,
+) -> CommOptimizer:
     """Build a :class:`CommOptimizer` for a model (or named parameters) from any config source.
 
     ``config`` is anything :func:`commlmo.load_config` accepts: a preset name, a
     path, a mapping or an :class:`OptimizerConfig`.  ``process_group`` is a
     ``torch.distributed`` group (default: the world when initialised, else a
-    world of one), or a :class:`~commlmo.comm.Communicator`.
+    world of one), or a :class:`~commlmo.comm.Communicator`.  ``adversary``
+    makes this rank a Byzantine worker for robustness experiments: it sends
+    ``flip``-ped, ``random`` or ``zero`` messages (see :func:`commlmo.pipeline.corrupt`).
     """
     cfg = load_config(config)
     named = named_parameters_of(model_or_named_params)
-    return CommOptimizer(named, cfg, comm=make_communicator(process_group))
+    return CommOptimizer(named, cfg, comm=make_communicator(process_group), adversary=adversary)

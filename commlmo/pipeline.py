@@ -27,7 +27,25 @@ from .comm import Communicator
 from .config import GroupConfig, MomentumConfig
 from .plugin import LMO, Aggregator, Compressor, Encoded, LRRule
 
-__all__ = ["Generators", "GroupRuntime", "momentum_update", "step_family"]
+__all__ = ["Generators", "GroupRuntime", "momentum_update", "step_family", "corrupt", "Adversary"]
+
+Adversary = Literal["flip", "random", "zero"]
+
+
+def corrupt(v: Tensor, mode: Adversary, *, generator: torch.Generator) -> Tensor:
+    """The message a Byzantine worker sends instead of ``v`` (before uplink compression).
+
+    ``flip``: ``-v`` (every sign inverted); ``random``: Gaussian noise of the same
+    norm (random signs); ``zero``: nothing (a sign compressor turns it into random
+    bits).  Used to test robustness (signSGD-MV tolerates up to half such workers,
+    Bernstein et al. 2019); never part of a real run.
+    """
+    if mode == "flip":
+        return -v
+    if mode == "zero":
+        return torch.zeros_like(v)
+    noise = torch.randn(v.shape, generator=generator, device=v.device, dtype=torch.float32)
+    return (noise * (v.float().norm() / noise.norm().clamp_min(1e-30))).to(v.dtype)
 
 
 class Generators:
@@ -94,6 +112,7 @@ class GroupRuntime:
     lr_rule: LRRule
     family: Literal["lmo", "sign"]
     generators: Generators
+    adversary: Adversary | None = None
 
     @classmethod
     def build(cls, config: GroupConfig, *, index: int, seed: int, rank: int, device: torch.device) -> GroupRuntime:
@@ -134,6 +153,8 @@ class GroupRuntime:
         vectors = [v for _, v in updated]
         if cfg.lmo_at == "worker":
             vectors = self.lmo.directions(vectors, generator=self.generators.local)  # type: ignore[union-attr]
+        if self.adversary is not None:
+            vectors = [corrupt(v, self.adversary, generator=self.generators.local) for v in vectors]
         aggregates = self.aggregator.aggregate(
             vectors, states, uplink=self.uplink, comm=comm, generators=self.generators, label=cfg.name
         )

@@ -65,7 +65,10 @@ class TrainConfig(_Model):
     stop_at_target: bool = False  # end the run once the evaluated loss reaches target_loss
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    timeout_s: float = Field(3600.0, gt=0.0)  # bound on the whole run (and on each collective)
+    timeout_s: float = Field(3600.0, gt=0.0, description="Bound on the whole run, in seconds.")
+    collective_timeout_s: float = Field(
+        120.0, gt=0.0, description="Bound on each collective: if a rank dies or hangs, the others stop "
+        "with an error after this many seconds instead of waiting forever.")
 
     @model_validator(mode="after")
     def _target_for_stop(self) -> TrainConfig:

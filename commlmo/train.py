@@ -66,7 +66,7 @@ def _launch(jobs: list[tuple[RunConfig, Path]], *, progress: bool) -> bool:
     payload = [(cfg.model_dump(mode="json"), str(out)) for cfg, out in jobs]
     if launched_by_torchrun():
         rank, world = init_from_env(backend=None if first.backend == "auto" else first.backend,
-                                    timeout_s=first.timeout_s)
+                                    timeout_s=first.collective_timeout_s)
         for cfg, out in jobs:
             shard_size(cfg.train.global_batch, world)
             if rank == 0:
@@ -90,7 +90,8 @@ def _launch(jobs: list[tuple[RunConfig, Path]], *, progress: bool) -> bool:
     else:
         backend = default_backend() if first.backend == "auto" else first.backend
         timeout = sum(cfg.train.timeout_s for cfg, _ in jobs)
-        spawn(run_many, first.nproc, payload, progress, backend=backend, timeout_s=timeout)
+        spawn(run_many, first.nproc, payload, progress, backend=backend, timeout_s=timeout,
+              collective_timeout_s=first.collective_timeout_s)
     return True
 
 

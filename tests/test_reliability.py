@@ -164,3 +164,32 @@ def _mismatched_worker(rank, world):
 def test_mismatched_ranks_on_real_processes_error_instead_of_hanging():
     with pytest.raises(DistributedError, match="differs across ranks"):
         spawn(_mismatched_worker, 2, timeout_s=60)
+
+
+@pytest.mark.parametrize("mode", ["flip", "random", "zero"])
+def test_a_minority_of_byzantine_workers_cannot_turn_the_vote(mode):
+    """5 workers with the same gradient, 2 adversaries: the vote still steps along -sign(grad)."""
+
+    def run(rank, comm):
+        model = _model()
+        opt = build_optimizer(model, "signsgd", process_group=comm, adversary=mode if rank < 2 else None)
+        _backward(model, 0)
+        before = model[0].weight.detach().clone()
+        opt.step()
+        return torch.sign(before - model[0].weight.detach()), torch.sign(model[0].weight.grad)
+
+    for moved, grad_sign in simulate(5, run):
+        assert torch.equal(moved, grad_sign)
+
+
+def test_byzantine_workers_do_hurt_the_mean():
+    def run(rank, comm):
+        model = _model()
+        opt = build_optimizer(model, "muonserver", process_group=comm, adversary="flip" if rank < 3 else None)
+        _backward(model, 0)
+        before = model[0].weight.detach().clone()
+        opt.step()
+        return (before - model[0].weight.detach()).mul(model[0].weight.grad).sum()
+
+    # 3 of 5 flip: the mean now climbs the loss
+    assert all(progress < 0 for progress in simulate(5, run))
