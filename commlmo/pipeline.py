@@ -161,9 +161,11 @@ class GroupRuntime:
         dual_norms: list[float | None] = [None] * len(params)
         if cfg.lmo_at == "server":
             dense = [a.decode() if isinstance(a, Encoded) else a for a in aggregates]
-            if self.lr_rule.needs_dual_norm:
-                dual_norms = [float(self.lmo.dual_norm(a)) for a in dense]  # type: ignore[union-attr]
             aggregates = self.lmo.directions(dense, generator=self.generators.shared)  # type: ignore[union-attr]
+            if self.lr_rule.needs_dual_norm:
+                # <A, LMO direction of A> is the dual norm (exactly so for exact LMOs), at the cost of
+                # one dot product instead of, for spectral, a full SVD for the nuclear norm
+                dual_norms = [float(torch.sum(a.float() * d.float())) for a, d in zip(dense, aggregates)]
         for s, (new, _) in zip(states, updated):
             s["momentum_buffer"] = new
         for p, s, name, d, dual in zip(params, states, names, aggregates, dual_norms):
