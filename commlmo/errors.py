@@ -20,6 +20,7 @@ __all__ = [
     "IncompatiblePluginsError",
     "DistributedError",
     "NonFiniteGradientError",
+    "NonFiniteInputError",
 ]
 
 
@@ -61,6 +62,10 @@ class DistributedError(CommlmoError, RuntimeError):
 
 class NonFiniteGradientError(CommlmoError, FloatingPointError):
     """A gradient contained NaN or Inf; nothing was sent and no state changed."""
+
+
+class NonFiniteInputError(CommlmoError, ValueError):
+    """A plugin (compressor, LMO) was given NaN or Inf; nothing was computed."""
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:

@@ -231,7 +231,8 @@ class CompressorCapabilities:
       carry them;
     * ``fixed_size``: wire sizes depend only on shape and dtype;
     * ``unbiased``: ``E[C(x)] = x`` with variance ``omega`` (see ``Compressor.omega``);
-    * ``contractive``: ``||C(x) - x||^2 <= (1 - alpha)||x||^2`` (see ``Compressor.alpha``);
+    * ``contractive``: ``||C(x) - x||^2 <= (1 - alpha)||x||^2`` (see ``Compressor.alpha``),
+      in expectation for stochastic compressors (EF21's definition);
     * ``sign_bits``: the wire is exactly one packed bit per entry, ``sign(x)``
       (what majority vote needs);
     * ``stochastic``: draws from the generator it is given;

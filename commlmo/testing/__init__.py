@@ -1,1 +1,33 @@
-"""testing."""
+"""Testing tools for commlmo plugins: tensor strategies and the compressor contract kit.
+
+Check that your compressor keeps the contract it declares (its
+``capabilities``, ``alpha``, ``omega``, ``wire_nbytes``)::
+
+    from commlmo.testing import check_compressor
+
+    def test_my_compressor():
+        check_compressor(MyCompressor(k=0.1), max_examples=50)
+
+and use the same tensors in your own property tests::
+
+    from hypothesis import given
+    from commlmo.testing import tensors
+
+    @given(tensors(max_numel=256))
+    def test_something(x): ...
+
+See :mod:`commlmo.testing.contract` for every check and how the statistical
+tolerances are derived from the sample size.
+"""
+
+from .contract import check_compressor
+from .strategies import (
+    DTYPES,
+    PATTERNS,
+    TensorExample,
+    shapes,
+    tensor_examples,
+    tensors,
+)
+
+__all__ = ["DTYPES", "PATTERNS", "TensorExample", "check_compressor", "shapes", "tensor_examples", "tensors"]

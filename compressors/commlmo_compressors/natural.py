@@ -1,0 +1,115 @@
+"""``natural``: stochastic rounding to a power of two, 9 bits per entry."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from commlmo.plugin import CompressorCapabilities, Payload, PluginConfig
+
+from . import _native
+from ._common import (
+    LayoutCompressor,
+    NonFiniteInputError,
+    WireLayout,
+    check_finite,
+    counter_hash,
+    draw_key,
+    require_generator,
+)
+from .bits import _pack_bits_eager, packed_nbytes, unpack_signs
+
+__all__ = ["Natural"]
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class Natural(LayoutCompressor):
+    r"""Natural compression: round ``|x|`` to a neighbouring power of two, at random, without bias.
+
+    For ``|x| = 2^e (1 + m)``, ``m`` in ``[0, 1)``, send ``2^(e+1)`` with probability
+    ``m`` and ``2^e`` otherwise: ``E[C(x)] = x`` and
+    ``E(C(x) - x)^2 = (2^(e+1) - |x|)(|x| - 2^e) <= x^2 / 8``, so it is unbiased with
+    ``omega = 1/8`` (Horvath et al. 2019, arXiv 1905.10988).  The coin is
+    ``u < m`` on the 23 mantissa bits, with ``u`` from a counter hash keyed by
+    64 bits drawn from the generator (exact probability ``m``, one key per call).
+
+    Wire, really packed: ``codes`` (``uint8``, one per entry: the float32 biased
+    exponent, 0 meaning zero) and the sign bits (``ceil(d/8)`` bytes, the
+    :mod:`commlmo_compressors.bits` layout): ``d + ceil(d/8)`` bytes, 9 bits per entry
+    plus at most 7 bits of padding.  float32, bfloat16 and float16 inputs (the
+    last two exactly representable in float32 codes) are accepted.
+
+    Two honest exceptions to the contract: float32/bfloat16 subnormals
+    (``|x| < 2^-126``) round between 0 and ``2^-126`` (still unbiased, variance
+    above ``x^2/8``); entries above the largest finite power of two of the dtype
+    (``2^127``, or ``2^15`` for float16) saturate to it (biased there).
+    """
+
+    class Config(PluginConfig):
+        kind: Literal["natural"] = "natural"
+
+    capabilities: ClassVar[CompressorCapabilities] = CompressorCapabilities(
+        fixed_size=True, unbiased=True, stochastic=True
+    )
+
+    def wire_layout(self, shape: torch.Size, dtype: torch.dtype) -> WireLayout:
+        n = torch.Size(shape).numel()
+        return ((torch.Size([n]), torch.uint8), (torch.Size([packed_nbytes(n)]), torch.uint8))
+
+    def omega(self, shape: torch.Size) -> float:
+        return 1 / 8
+
+    def compress(self, x: Tensor, *, generator: torch.Generator | None = None) -> Payload:
+        require_generator(generator, "natural compressor", "its stochastic rounding needs random bits")
+        if x.dtype not in _DTYPES:
+            raise ValueError(
+                f"natural compressor: codes are float32 exponents; got {x.dtype} "
+                "(float32, bfloat16 and float16 are supported: cast first)"
+            )
+        key = draw_key(generator)
+        flat = x.reshape(-1).to(torch.float32).contiguous()
+        max_code = 127 + math.floor(math.log2(torch.finfo(x.dtype).max))
+        n = flat.numel()
+        lib = _native.available(flat)
+        if lib is not None:
+            codes = torch.empty(n, dtype=torch.uint8)
+            signs = torch.empty(packed_nbytes(n), dtype=torch.uint8)
+            bad = lib.natural_f32(flat.data_ptr(), n, *key, max_code, codes.data_ptr(), signs.data_ptr(),
+                                  _native.num_threads(n))
+            if bad:
+                raise NonFiniteInputError(f"natural compressor: input has {bad} NaN or Inf entries")
+        else:
+            check_finite(flat, "natural compressor")
+            codes, signs = _encode_eager(flat, key, max_code), _pack_bits_eager(flat)
+        return Payload(wire=(codes, signs), ctx={"shape": x.shape, "dtype": x.dtype, "device": x.device})
+
+    def decompress(self, payload: Payload) -> Tensor:
+        codes, signs = payload.wire
+        ctx, n = payload.ctx, codes.numel()
+        lib = _native.available(codes, signs)
+        if lib is not None:
+            values = torch.empty(n, dtype=torch.float32)
+            lib.natural_decode_f32(codes.data_ptr(), signs.data_ptr(), n, values.data_ptr(), _native.num_threads(n))
+        else:
+            magnitude = (codes.to(torch.int32) << 23).view(torch.float32)
+            values = magnitude * unpack_signs(signs, n, torch.float32)
+        return values.to(ctx["dtype"]).view(ctx["shape"])
+
+
+_EAGER_CHUNK = 1 << 18  # int64 temporaries of 2 MB stay in cache; the whole tensor at once would not
+
+
+def _encode_eager(flat: Tensor, key: tuple[int, int], max_code: int) -> Tensor:
+    """The C kernel's codes, in torch ops (int64 stands in for uint32), chunk by chunk."""
+    codes = torch.empty(flat.numel(), dtype=torch.uint8, device=flat.device)
+    for lo in range(0, flat.numel(), _EAGER_CHUNK):
+        part = flat[lo : lo + _EAGER_CHUNK]
+        bits = part.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        exponent, mantissa = (bits >> 23) & 0xFF, bits & 0x7FFFFF
+        u = counter_hash(torch.arange(lo, lo + part.numel(), device=flat.device), key) >> 9
+        codes[lo : lo + part.numel()] = (exponent + (u < mantissa)).clamp_(max=max_code)
+    return codes
