@@ -28,9 +28,11 @@ import commlmo
 from commlmo.launch import spawn
 
 EXTRA = {
+    "ef21muon_topk_fp32": {"preset": "ef21muon", "groups": {"hidden": {"uplink": {"kind": "topk", "k": 0.05}}}},
     "ef21muon_natural": {"preset": "ef21muon", "groups": {"hidden": {"uplink": {"kind": "natural"}}}},
     "ef21muon_topk+natural": {"preset": "ef21muon", "groups": {"hidden": {"uplink": {
-        "kind": "chain", "stages": [{"kind": "topk", "k": 0.05}, {"kind": "natural"}]}}}},
+        "kind": "chain", "stages": [{"kind": "topk", "k": 0.05, "selection": "blocked", "blocks": "auto"},
+                                   {"kind": "natural"}]}}}},
     "ef21muon_rankk": {"preset": "ef21muon", "groups": {"hidden": {"uplink": {"kind": "rankk", "rank": 8}}}},
 }
 

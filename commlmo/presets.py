@@ -24,6 +24,8 @@ SCALED_SIGN = {"kind": "sign", "scale": "mean"}
 MEAN = {"kind": "mean"}
 VOTE = {"kind": "majority_vote"}
 EF21 = {"kind": "ef21"}
+# 32 bits per kept entry: EF21 feeds the bf16 rounding back like any other compression error
+TOPK5 = {"kind": "topk", "k": 0.05, "selection": "blocked", "blocks": "auto", "value_dtype": "bfloat16"}
 
 
 class Preset(NamedTuple):
@@ -62,8 +64,9 @@ PRESETS: dict[str, Preset] = {
     "gluon": Preset("server", IDENTITY, MEAN, IDENTITY,
                     "Gluon: layer-wise LMO with the adaptive (L0, L1) radius (Riabinin et al. 2025)",
                     lr_rule={"kind": "gluon"}),
-    "ef21muon": Preset("server", {"kind": "topk", "k": 0.05}, EF21, IDENTITY,
-                       "EF21-Muon: EF21 top-5% uplink, server-side LMO (Gruntkowska et al. 2025)"),
+    "ef21muon": Preset("server", TOPK5, EF21, IDENTITY,
+                       "EF21-Muon: EF21 top-5% uplink (bf16 values, 16-bit block-local indices), "
+                       "server-side LMO (Gruntkowska et al. 2025)"),
 }
 
 

@@ -29,6 +29,7 @@ __all__ = ["TopK"]
 _VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _THRESHOLD_MIN_NUMEL = 1 << 16  # below this torch.topk is as fast as anything
 _SAMPLE = 1 << 14
+_AUTO_BLOCK = 1 << 15  # blocks: auto -> block-local indices fit in int16
 _samples: dict[tuple[int, torch.device], Tensor] = {}
 
 
@@ -58,7 +59,11 @@ class TopK(LayoutCompressor):
     * ``"blocked"``: cut ``x`` into ``blocks`` near-equal contiguous slices, each
       keeping its own top ``floor(k/B)`` or ``ceil(k/B)`` entries (useful when
       each block lives on another rank).  Contractive with
-      ``alpha = min_b k_b / d_b`` (``= k/d`` when ``B`` divides both).
+      ``alpha = min_b k_b / d_b`` (``= k/d`` when ``B`` divides both).  Since the
+      position of an entry in the payload says which block it is in, indices are
+      sent *block-local*, in the narrowest dtype that holds a block's size:
+      ``blocks: auto`` picks blocks of at most 32 768 entries, so every index is
+      16 bits whatever the tensor's size.
 
     A coarser ``value_dtype`` rounds the kept values (relative error ``u``), and
     ``alpha`` is then declared as ``(1 - u^2) k/d``.
@@ -68,10 +73,26 @@ class TopK(LayoutCompressor):
         kind: Literal["topk"] = "topk"
         k: KSpec = 0.05
         selection: Literal["threshold", "exact", "blocked"] = "threshold"
-        blocks: int = Field(64, ge=1, description="number of slices for selection='blocked'")
+        blocks: int | Literal["auto"] = Field(
+            64, description="number of slices for selection='blocked' (>= 1), or 'auto': slices of at most "
+            "32768 entries, so block-local indices fit in 16 bits")
         value_dtype: Literal["same", "float32", "bfloat16", "float16"] = "same"
 
     capabilities = CompressorCapabilities(fixed_size=True, contractive=True)
+
+    def __init__(self, config=None, **fields):
+        super().__init__(config, **fields)
+        if isinstance(self.config.blocks, int) and self.config.blocks < 1:
+            raise ValueError(f"topk compressor: blocks must be >= 1 or 'auto', got {self.config.blocks}")
+
+    def _blocks(self, n: int) -> int:
+        blocks = self.config.blocks
+        return max(1, math.ceil(n / _AUTO_BLOCK)) if blocks == "auto" else blocks
+
+    def _index_dtype(self, n: int, k: int) -> torch.dtype:
+        if self.config.selection == "blocked":  # block-local indices
+            return index_dtype(max(size for size, _ in _block_plan(n, k, self._blocks(n))))
+        return index_dtype(n)
 
     @property
     def values_decode(self):  # type: ignore[override]
@@ -85,7 +106,7 @@ class TopK(LayoutCompressor):
     def _dense(self, shape: torch.Size, dtype: torch.dtype) -> bool:
         n = shape.numel()
         k = resolve_k(self.config.k, n)
-        per = self._value_dtype(dtype).itemsize + index_dtype(n).itemsize
+        per = self._value_dtype(dtype).itemsize + self._index_dtype(n, k).itemsize
         return k * per >= dense_nbytes(shape, dtype)
 
     def wire_layout(self, shape: torch.Size, dtype: torch.dtype) -> WireLayout:
@@ -94,14 +115,14 @@ class TopK(LayoutCompressor):
             return ((shape, dtype),)
         n = shape.numel()
         k = torch.Size([resolve_k(self.config.k, n)])
-        return ((k, self._value_dtype(dtype)), (k, index_dtype(n)))
+        return ((k, self._value_dtype(dtype)), (k, self._index_dtype(n, k[0])))
 
     def alpha(self, shape: torch.Size) -> float:
         n = max(torch.Size(shape).numel(), 1)
         k = resolve_k(self.config.k, n)
         alpha = k / n
         if self.config.selection == "blocked":
-            alpha = min(kb / size for size, kb in _block_plan(n, k, self.config.blocks))
+            alpha = min(kb / size for size, kb in _block_plan(n, k, self._blocks(n)))
         if self.config.value_dtype != "same":
             alpha *= 1 - (torch.finfo(_VALUE_DTYPES[self.config.value_dtype]).eps / 2) ** 2
         return alpha
@@ -122,7 +143,17 @@ class TopK(LayoutCompressor):
                 f"topk compressor: kept values overflow value_dtype={self.config.value_dtype!r} "
                 f"(max |x| = {float(flat[idx].abs().max()):.3g}); use 'bfloat16' or 'same'"
             )
-        return Payload(wire=(values, idx.to(index_dtype(n))), ctx=ctx)
+        if self.config.selection == "blocked":
+            idx = idx - _block_starts(n, k, self._blocks(n), idx.device)
+        return Payload(wire=(values, idx.to(self._index_dtype(n, k))), ctx=ctx)
+
+    def indices(self, payload: Payload) -> Tensor:
+        """Global int64 positions of the kept entries."""
+        idx = payload.wire[1].long()
+        if self.config.selection == "blocked":
+            n = payload.ctx["shape"].numel()
+            idx = idx + _block_starts(n, idx.numel(), self._blocks(n), idx.device)
+        return idx
 
     def _select(self, flat: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Indices (int64) and values of the kept entries."""
@@ -131,7 +162,7 @@ class TopK(LayoutCompressor):
             return _threshold_topk(flat, k)
         check_finite(flat, "topk compressor")
         if selection == "blocked":
-            idx = _blocked_topk(flat, k, self.config.blocks)
+            idx = _blocked_topk(flat, k, self._blocks(flat.numel()))
         else:
             idx = flat.abs().topk(k, sorted=False).indices
         return idx, flat[idx]
@@ -140,16 +171,15 @@ class TopK(LayoutCompressor):
         ctx = payload.ctx
         if ctx.get("dense"):
             return payload.wire[0]
-        values, idx = payload.wire
+        values = payload.wire[0]
         out = torch.zeros(ctx["shape"].numel(), dtype=ctx["dtype"], device=values.device)
-        out[idx.long()] = values.to(ctx["dtype"])
+        out[self.indices(payload)] = values.to(ctx["dtype"])
         return out.view(ctx["shape"])
 
     def decompress_add_(self, target: Tensor, payload: Payload, *, alpha: float = 1.0) -> Tensor:
         if payload.ctx.get("dense") or not target.is_contiguous():
             return super().decompress_add_(target, payload, alpha=alpha)
-        values, idx = payload.wire
-        target.view(-1).index_add_(0, idx.long(), values.to(target.dtype), alpha=alpha)
+        target.view(-1).index_add_(0, self.indices(payload), payload.wire[0].to(target.dtype), alpha=alpha)
         return target
 
 
@@ -221,6 +251,13 @@ def _block_plan(n: int, k: int, blocks: int) -> list[tuple[int, int]]:
     """``(size, kept)`` per block: sizes and counts each differ by at most one, larger first."""
     b = max(1, min(blocks, k, n))
     return [(n // b + (i < n % b), k // b + (i < k % b)) for i in range(b)]
+
+
+def _block_starts(n: int, k: int, blocks: int, device: torch.device) -> Tensor:
+    """For each kept entry, in payload order, the offset of the block it came from."""
+    plan = _block_plan(n, k, blocks)
+    starts = torch.tensor([0] + [size for size, _ in plan[:-1]], device=device).cumsum(0)
+    return starts.repeat_interleave(torch.tensor([kb for _, kb in plan], device=device))
 
 
 def _blocked_topk(flat: Tensor, k: int, blocks: int) -> Tensor:
