@@ -28,7 +28,8 @@ import commlmo
 from commlmo.launch import spawn
 
 EXTRA = {
-    "ef21muon_topk_fp32": {"preset": "ef21muon", "groups": {"hidden": {"uplink": {"kind": "topk", "k": 0.05}}}},
+    "ef21muon_topk_fp32": {"preset": "ef21muon", "groups": {"hidden": {"uplink": {
+        "kind": "topk", "k": 0.05, "selection": "threshold", "value_dtype": "same"}}}},
     "ef21muon_natural": {"preset": "ef21muon", "groups": {"hidden": {"uplink": {"kind": "natural"}}}},
     "ef21muon_topk+natural": {"preset": "ef21muon", "groups": {"hidden": {"uplink": {
         "kind": "chain", "stages": [{"kind": "topk", "k": 0.05, "selection": "blocked", "blocks": "auto"},

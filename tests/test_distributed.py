@@ -20,7 +20,8 @@ pytestmark = pytest.mark.distributed
 
 CONFIGS = {name: name for name in commlmo.PRESETS}
 CONFIGS |= {
-    "ef21muon_topk_threshold": {"preset": "ef21muon", "groups": {"hidden": {"uplink": {"kind": "topk", "k": 0.1}}}},
+    "ef21muon_topk_threshold": {"preset": "ef21muon", "groups": {"hidden": {"uplink": {
+        "kind": "topk", "k": 0.1, "selection": "threshold", "value_dtype": "same"}}}},
     "ef21muon_rankk": {"preset": "ef21muon", "groups": {"hidden": {"uplink": {"kind": "rankk", "rank": 2}}}},
     "ef21muon_natural": {"preset": "ef21muon", "groups": {"hidden": {"uplink": {"kind": "natural"}}}},
     "ef21muon_topk_down": {"preset": "ef21muon", "groups": {"hidden": {
