@@ -7,8 +7,13 @@ A run directory holds
   opt_time, time`` and, at evaluation steps, ``eval_loss, eval_acc``.  ``sent``
   and ``received`` are rank 0's bytes for that step as the optimizer's
   :class:`~commlmo.comm.ByteCounter` measured them; ``time`` is the cumulative
-  training time (evaluation excluded).  Step 0 is the evaluation before training.
-* ``summary.json`` -- totals, every rank's byte accounting, the task's facts.
+  training time (evaluation excluded); ``skipped: true`` marks a step the
+  optimizer skipped (``nonfinite: skip``).  Step 0 is the evaluation before training.
+* ``summary.json`` -- totals, every rank's byte accounting, the task's facts,
+  and how the run went: ``stopped_after``, ``resumed_from`` (the checkpoint
+  steps it was resumed from), ``last_checkpoint``, ``skipped_steps``, ``adversaries``.
+* ``checkpoints/rank<r>/step-<k>.pt`` -- with ``train.checkpoint_every``: each
+  rank's own checkpoints (:mod:`commlmo.checkpoint`).
 * ``config.yaml`` -- the resolved run config.
 
 :func:`load_run` reads them back; :func:`reach` finds the first evaluation at
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -28,12 +34,19 @@ __all__ = ["MetricsWriter", "RunResult", "Reached", "load_run", "reach", "human_
 
 
 class MetricsWriter:
-    """Appends one JSON line per record, flushed at once (a crashed run keeps its history)."""
+    """Appends one JSON line per record, flushed at once (a crashed run keeps its history).
 
-    def __init__(self, path: str | Path):
+    ``resume_after=K`` continues an existing file from step ``K``: the records of
+    steps after ``K`` (written before an interruption, and about to be computed
+    again) and a torn last line are dropped first, so no step appears twice.
+    """
+
+    def __init__(self, path: str | Path, *, resume_after: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f: TextIO | None = open(self.path, "w", encoding="utf-8")
+        if resume_after is not None:
+            _truncate_after(self.path, resume_after)
+        self._f: TextIO | None = open(self.path, "a" if resume_after is not None else "w", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         assert self._f is not None, "MetricsWriter is closed"
@@ -44,6 +57,22 @@ class MetricsWriter:
         if self._f is not None:
             self._f.close()
             self._f = None
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Keep the records of steps ``<= step`` (atomically: a temporary file, then ``os.replace``)."""
+    kept = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # torn by the interruption
+                continue
+            if isinstance(record, dict) and record.get("step", math.inf) <= step:
+                kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def human_bytes(n: float) -> str:
@@ -126,11 +155,19 @@ def run_table(run: RunResult) -> str:
     """The end-of-run summary of ``commlmo train``: results, then bytes by collective."""
     s, fin = run.summary, _final(run)
     steps = max(s["steps_run"], 1)
+    notes = [("stopped at target" if s.get("stopped_at_target") else ""),
+             (f"of {s['steps']}, stopped by train.stop_after" if s.get("stopped_after") is not None else ""),
+             ("resumed from step " + ", ".join(map(str, s["resumed_from"])) if s.get("resumed_from") else ""),
+             (f"{s['skipped_steps']} skipped: non-finite gradients" if s.get("skipped_steps") else "")]
+    notes = [n for n in notes if n]
     rows = [
-        ["steps", f"{s['steps_run']}" + (" (stopped at target)" if s.get("stopped_at_target") else "")],
+        ["steps", f"{s['steps_run']}" + (f" ({'; '.join(notes)})" if notes else "")],
         ["workers", f"{s['world_size']} ({s['backend']}, {s['device']})"],
         ["eval loss (final / best)", f"{fin.get('eval_loss', math.nan):.4f} / {s['best_eval_loss']:.4f}"],
     ]
+    if s.get("adversaries"):
+        adv = s["adversaries"]
+        rows.insert(2, ["adversaries", f"ranks {adv['ranks']} send {adv['mode']} messages"])
     if run.has_accuracy and "eval_acc" in fin:
         rows.append(["eval accuracy", f"{100 * fin['eval_acc']:.2f} %"])
     b = s["bytes"]

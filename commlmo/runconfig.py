@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .config import OptimizerConfig, load_config, read_config_file
 from .errors import ConfigError, did_you_mean
 from .tasks import TaskConfig
 
-__all__ = ["ScheduleConfig", "TrainConfig", "RunConfig", "TASKS", "load_run_config", "apply_overrides", "is_run_config"]
+__all__ = ["ScheduleConfig", "AdversaryConfig", "FaultConfig", "TrainConfig", "RunConfig", "TASKS",
+           "RESUMABLE_CHANGES", "load_run_config", "apply_overrides", "is_run_config"]
 
 
 class _Model(BaseModel):
@@ -52,6 +53,60 @@ class ScheduleConfig(_Model):
         return self.final + (1 - self.final) * shape
 
 
+class AdversaryConfig(_Model):
+    """Byzantine workers, for robustness experiments: ``ranks`` send ``mode`` messages instead of their own.
+
+    ``flip`` sends ``-v`` (every sign inverted), ``random`` Gaussian noise of the
+    same norm, ``zero`` nothing (a sign uplink turns it into random bits); see
+    :func:`commlmo.pipeline.corrupt`.  Majority vote tolerates a minority of such
+    workers (Bernstein et al. 2019); a float32 mean does not.
+    """
+
+    ranks: list[int] = Field(min_length=1, description="Ranks that send corrupted messages.")
+    mode: Literal["flip", "random", "zero"] = "flip"
+
+    @field_validator("ranks")
+    @classmethod
+    def _distinct(cls, v: list[int]) -> list[int]:
+        if any(r < 0 for r in v):
+            raise ValueError(f"ranks must be >= 0; got {v}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"ranks must be distinct; got {v}")
+        return sorted(v)
+
+    def check(self, world_size: int) -> None:
+        """Raise ``ValueError`` unless every rank exists in a world of ``world_size`` and one stays honest."""
+        bad = [r for r in self.ranks if r >= world_size]
+        if bad:
+            raise ValueError(f"rank(s) {bad} do not exist with {world_size} "
+                             f"worker(s) (ranks 0..{world_size - 1}); raise train.nproc or drop them")
+        if len(self.ranks) == world_size:
+            raise ValueError(f"ranks {self.ranks} make all {world_size} workers adversarial; "
+                             "leave at least one honest worker")
+
+    def mode_of(self, rank: int) -> Literal["flip", "random", "zero"] | None:
+        """What ``rank`` sends: ``mode`` if it is adversarial, else ``None`` (its own messages)."""
+        return self.mode if rank in self.ranks else None
+
+
+class FaultConfig(_Model):
+    """Testing hook: rank ``rank`` fails at the start of step ``at_step``.
+
+    ``exit`` ends the process at once (``os._exit(1)``, as a crash or an OOM kill
+    would: no exception, no clean-up); ``hang`` stops it answering (the others
+    then time out after ``train.collective_timeout_s``).  Never part of a real run.
+    """
+
+    rank: int = Field(ge=0)
+    at_step: int = Field(ge=1)
+    kind: Literal["exit", "hang"] = "exit"
+
+
+#: ``train`` fields a resumed run may change: they steer the run's execution, not what it computes.
+RESUMABLE_CHANGES = frozenset({"timeout_s", "collective_timeout_s", "checkpoint_every", "keep_checkpoints",
+                               "stop_after", "fault", "backend"})
+
+
 class TrainConfig(_Model):
     """How long, on how many workers, and what to measure."""
 
@@ -69,6 +124,16 @@ class TrainConfig(_Model):
     collective_timeout_s: float = Field(
         120.0, gt=0.0, description="Bound on each collective: if a rank dies or hangs, the others stop "
         "with an error after this many seconds instead of waiting forever.")
+    checkpoint_every: int = Field(
+        0, ge=0, description="Write a checkpoint every this many steps into <out>/checkpoints (0: never); "
+        "`commlmo train --resume` continues from the last one.")
+    keep_checkpoints: int = Field(2, ge=1, description="How many of the most recent checkpoints to keep.")
+    adversaries: AdversaryConfig | None = Field(
+        None, description="Byzantine workers: these ranks send flipped, random or zero messages.")
+    stop_after: int | None = Field(
+        None, ge=1, description="Testing hook: stop after this step as if interrupted (no checkpoint beyond the "
+        "last regular one); continue with --resume --set train.stop_after=null.")
+    fault: FaultConfig | None = Field(None, description="Testing hook: make one rank die or hang at a step.")
 
     @model_validator(mode="after")
     def _target_for_stop(self) -> TrainConfig:
@@ -76,6 +141,17 @@ class TrainConfig(_Model):
             raise ValueError("stop_at_target: true needs target_loss")
         return self
 
+    @field_validator("adversaries", "fault")
+    @classmethod
+    def _ranks_exist(cls, v: Any, info: ValidationInfo) -> Any:
+        nproc = info.data.get("nproc")
+        if v is None or nproc is None:
+            return v
+        if isinstance(v, AdversaryConfig):
+            v.check(nproc)
+        elif v.rank >= nproc:
+            raise ValueError(f"rank {v.rank} does not exist with {nproc} worker(s) (ranks 0..{nproc - 1})")
+        return v
 
 class RunConfig(_Model):
     """One training run: ``optimizer``, ``task`` and ``train``."""

@@ -5,6 +5,8 @@ r"""``commlmo train`` and ``commlmo compare``: start the workers, then report.
     commlmo compare signmuon muon signsgd --task mnist1d-cnn --nproc 4
     commlmo compare examples/mnist1d_cnn.yaml runs/other.yaml
     torchrun --standalone --nproc_per_node 4 -m commlmo train examples/mnist1d_cnn.yaml
+    commlmo train examples/mnist1d_cnn.yaml --out runs/cnn --set train.checkpoint_every=100
+    commlmo train examples/mnist1d_cnn.yaml --out runs/cnn --resume   # after an interruption
 
 Without ``torchrun`` the command starts ``--nproc`` (or ``train.nproc``) worker
 processes on this machine joined by a process group (gloo on 127.0.0.1, NCCL
@@ -12,6 +14,12 @@ when CUDA is present) and runs :func:`commlmo.worker.run_rank` in each; under
 ``torchrun`` the process is one rank.  Rank 0 writes ``metrics.jsonl`` and
 ``summary.json`` into the run directory; this module then prints the summary
 table and draws the plots from those files.
+
+With ``train.checkpoint_every`` every rank checkpoints into ``<out>/checkpoints``;
+``--resume`` continues the run in ``--out`` (default: the newest ``runs/<name>-*``
+with a checkpoint) from the newest checkpoint every rank holds, bitwise as if it
+had never stopped.  Under ``torchrun --max-restarts`` pass ``--out`` and
+``--resume`` from the first attempt: a run with no checkpoint yet starts at step 0.
 
 The same from Python::
 
@@ -25,13 +33,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .checkpoint import CHECKPOINTS, latest_common, resume_command
+from .errors import ConfigError, DistributedError
 from .launch import default_backend, init_from_env, launched_by_torchrun, spawn
 from .metrics import RunResult, compare_table, default_target, load_run, run_table
 from .runconfig import TASKS, RunConfig, is_run_config, load_run_config
@@ -50,7 +61,7 @@ def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _launch(jobs: list[tuple[RunConfig, Path]], *, progress: bool) -> bool:
+def _launch(jobs: list[tuple[RunConfig, Path]], *, progress: bool, resume: bool = False) -> bool:
     """Run each ``(config, out)`` in turn on one set of workers; True where this process holds the results.
 
     The workers are started once for all the jobs (a comparison pays the process
@@ -61,61 +72,132 @@ def _launch(jobs: list[tuple[RunConfig, Path]], *, progress: bool) -> bool:
     nprocs = {cfg.train.nproc for cfg, _ in jobs}
     backends = {cfg.train.backend for cfg, _ in jobs}
     if len(nprocs) > 1 or len(backends) > 1:  # cannot share the workers: one launch per job
-        return all([_launch([job], progress=progress) for job in jobs])
+        return all([_launch([job], progress=progress, resume=resume) for job in jobs])
     first = jobs[0][0].train
     payload = [(cfg.model_dump(mode="json"), str(out)) for cfg, out in jobs]
     if launched_by_torchrun():
+        import torch.distributed as dist
+
         rank, world = init_from_env(backend=None if first.backend == "auto" else first.backend,
                                     timeout_s=first.collective_timeout_s)
-        for cfg, out in jobs:
+        shared = [payload]
+        dist.broadcast_object_list(shared, src=0)  # rank 0's output directories (a time stamp may differ)
+        payload = shared[0]
+        for (cfg, _), (_, out) in zip(jobs, payload):
             shard_size(cfg.train.global_batch, world)
             if rank == 0:
-                out.mkdir(parents=True, exist_ok=True)
-                (out / "config.yaml").write_text(cfg.to_yaml())
-        run_many(rank, world, payload, progress)
+                _write_config(cfg, Path(out), resume)
+        try:
+            run_many(rank, world, payload, progress, resume)
+        finally:  # a rank that exits with the group alive can abort in gloo's threads
+            dist.destroy_process_group()
         return rank == 0
     for cfg, out in jobs:
         shard_size(cfg.train.global_batch, cfg.train.nproc)  # fail here, not in every worker
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(cfg.to_yaml())
+        _write_config(cfg, out, resume)
     if first.nproc == 1:  # in this process, on one thread like each spawned worker
         import torch
 
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            run_many(0, 1, payload, progress)
+            run_many(0, 1, payload, progress, resume)
         finally:
             torch.set_num_threads(threads)
-    else:
-        backend = default_backend() if first.backend == "auto" else first.backend
-        timeout = sum(cfg.train.timeout_s for cfg, _ in jobs)
-        spawn(run_many, first.nproc, payload, progress, backend=backend, timeout_s=timeout,
+        return True
+    backend = default_backend() if first.backend == "auto" else first.backend
+    timeout = sum(cfg.train.timeout_s for cfg, _ in jobs)
+    try:
+        spawn(run_many, first.nproc, payload, progress, resume, backend=backend, timeout_s=timeout,
               collective_timeout_s=first.collective_timeout_s)
+    except DistributedError as exc:
+        raise DistributedError(f"{exc}\n{_checkpoint_note(jobs)}") from None
     return True
 
 
-def _report_run(run: RunResult) -> None:
+def _write_config(cfg: RunConfig, out: Path, resume: bool) -> None:
+    """``config.yaml`` of a new run; a resumed run's is rewritten by rank 0 once its checkpoint accepted the config."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not (resume and (out / "config.yaml").exists()):
+        (out / "config.yaml").write_text(cfg.to_yaml())
+
+
+def _checkpoint_note(jobs: list[tuple[RunConfig, Path]]) -> str:
+    """Where each run stands on disk after a failed launch, and the command that continues it."""
+    lines = []
+    for cfg, out in jobs:
+        if not (out / "metrics.jsonl").exists():
+            continue  # never started
+        if (out / "summary.json").exists():
+            done = json.loads((out / "summary.json").read_text())
+            if done.get("steps_run") == cfg.train.steps or done.get("stopped_at_target"):
+                continue  # finished before the failure
+        step = latest_common(out, cfg.train.nproc) if cfg.train.checkpoint_every else None
+        if step is None:
+            why = "checkpoint_every = 0" if not cfg.train.checkpoint_every else "none complete yet"
+            lines.append(f"{cfg.label()}: no checkpoint to resume from ({why})")
+        else:
+            lines.append(f"{cfg.label()}: last complete checkpoint: step {step} in {out / CHECKPOINTS}; continue with "
+                         f"`{resume_command(out, cfg.train)}`")
+    return "\n".join(lines)
+
+
+def _latest_run(cfg: RunConfig) -> Path:
+    """The newest ``runs/<name>-<time>`` holding a checkpoint, for ``--resume`` without ``--out``."""
+    stamped = re.compile(rf"{re.escape(cfg.label())}-\d{{8}}-\d{{6}}")  # as _stamp() names them
+    runs = sorted(p for p in Path("runs").glob(f"{cfg.label()}-*") if stamped.fullmatch(p.name))
+    for run in reversed(runs):
+        if (run / CHECKPOINTS).is_dir():
+            return run
+    raise ConfigError(
+        f"--resume: no run of {cfg.label()!r} with checkpoints under runs/ (looked for runs/{cfg.label()}-*/"
+        f"{CHECKPOINTS}); name the run directory with --out"
+    )
+
+
+def _report_run(run: RunResult, cfg: RunConfig) -> None:
     from .plots import plot_run
 
     print(run_table(run))
+    if run.summary.get("stopped_after") is not None:
+        ckpt = run.summary.get("last_checkpoint")
+        print(f"\nstopped after step {run.summary['stopped_after']} (train.stop_after); "
+              + (f"continue from step {ckpt} with: {resume_command(run.path, cfg.train)}"
+                 if ckpt is not None else "no checkpoint to continue from"))
     png = plot_run(run, run.path / "curves.png")
     print(f"\nmetrics: {run.path / 'metrics.jsonl'}\nsummary: {run.path / 'summary.json'}\nplots:   {png}")
 
 
+def _world_overrides(overrides: Mapping[str, Any] | None, nproc: int | None) -> dict[str, Any]:
+    """``train.nproc`` from ``--nproc``, or from ``WORLD_SIZE`` under torchrun (which decides it)."""
+    out = dict(overrides or {})
+    if launched_by_torchrun():
+        out["train.nproc"] = int(os.environ["WORLD_SIZE"])
+    elif nproc is not None:
+        out["train.nproc"] = nproc
+    return out
+
+
 def train(config: Any, *, nproc: int | None = None, out: str | Path | None = None,
-          overrides: Mapping[str, Any] | None = None, progress: bool = True, report: bool = True) -> RunResult | None:
-    """Train one run config (path or mapping); returns the run read back from ``out`` (``None`` on ranks > 0)."""
-    overrides = dict(overrides or {})
-    if nproc is not None:
-        overrides["train.nproc"] = nproc
-    cfg = load_run_config(config, overrides)
-    out = Path(out) if out else Path("runs") / f"{cfg.label()}-{_stamp()}"
-    if not _launch([(cfg, out)], progress=progress):
+          overrides: Mapping[str, Any] | None = None, progress: bool = True, report: bool = True,
+          resume: bool = False) -> RunResult | None:
+    """Train one run config (path or mapping); returns the run read back from ``out`` (``None`` on ranks > 0).
+
+    ``resume=True`` continues the run in ``out`` (default: the newest ``runs/<name>-*``
+    holding a checkpoint) from its newest checkpoint; with none there yet it starts at step 0.
+    """
+    cfg = load_run_config(config, _world_overrides(overrides, nproc))
+    if out:
+        out = Path(out)
+    elif resume:
+        out = _latest_run(cfg)
+    else:
+        out = Path("runs") / f"{cfg.label()}-{_stamp()}"
+    if not _launch([(cfg, out)], progress=progress, resume=resume):
         return None
     run = load_run(out)
     if report:
-        _report_run(run)
+        _report_run(run, cfg)
     return run
 
 
@@ -131,9 +213,7 @@ def _unique(names: list[str]) -> list[str]:
 def compare_configs(sources: Sequence[Any], *, task: str | None = None, nproc: int | None = None,
                     overrides: Mapping[str, Any] | None = None) -> list[RunConfig]:
     """Run configs for ``sources``: run configs as they are, optimizers (presets, files) on ``task``."""
-    overrides = dict(overrides or {})
-    if nproc is not None:
-        overrides["train.nproc"] = nproc
+    overrides = _world_overrides(overrides, nproc)
     template: dict[str, Any] | None = None
     if task is not None:
         if task in TASKS:
@@ -162,18 +242,24 @@ def compare_configs(sources: Sequence[Any], *, task: str | None = None, nproc: i
 
 def compare(sources: Sequence[Any], *, task: str | None = None, nproc: int | None = None,
             out: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
-            target_loss: float | None = None, progress: bool = True, report: bool = True) -> list[RunResult] | None:
-    """Run each source on the same task and seed; print one table and draw one plot of all runs."""
+            target_loss: float | None = None, progress: bool = True, report: bool = True,
+            resume: bool = False) -> list[RunResult] | None:
+    """Run each source on the same task and seed; print one table and draw one plot of all runs.
+
+    ``resume=True`` continues every run under ``out`` from its newest checkpoint.
+    """
     if not sources:
         raise ConfigError("compare needs at least one config or preset")
     configs = compare_configs(sources, task=task, nproc=nproc, overrides=overrides)
+    if resume and not out:
+        raise ConfigError("compare --resume needs --out: the directory of the comparison to continue")
     out = Path(out) if out else Path("runs") / f"compare-{_stamp()}"
     tasks = {json.dumps(c.task.model_dump(mode="json"), sort_keys=True) for c in configs}
     seeds = {c.train.seed for c in configs}
     if (len(tasks) > 1 or len(seeds) > 1) and _is_rank0():
         print("commlmo compare: note: the runs differ in task or seed, so the table compares more than the optimizer",
               file=sys.stderr)
-    if not _launch([(cfg, out / cfg.label()) for cfg in configs], progress=progress):
+    if not _launch([(cfg, out / cfg.label()) for cfg in configs], progress=progress, resume=resume):
         return None
     runs = [load_run(out / c.label(), c.label()) for c in configs]
     targets = {c.train.target_loss for c in configs}
@@ -235,10 +321,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-loss", type=float, help="report bytes and time to reach this eval loss")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any field, e.g. task.model=mlp (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest checkpoint (see train.checkpoint_every)")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    train(args.config, nproc=args.nproc, out=args.out, overrides=_overrides(args), progress=not args.no_progress)
+    train(args.config, nproc=args.nproc, out=args.out, overrides=_overrides(args), progress=not args.no_progress,
+          resume=args.resume)
     return 0
 
 
@@ -246,7 +335,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     ov = _overrides(args)
     ov.pop("train.target_loss", None)
     compare(args.configs, task=args.task, nproc=args.nproc, out=args.out, overrides=ov,
-            target_loss=args.target_loss, progress=not args.no_progress)
+            target_loss=args.target_loss, progress=not args.no_progress, resume=args.resume)
     return 0
 
 

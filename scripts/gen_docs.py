@@ -86,6 +86,8 @@ BENCHMARKS = [
               "wall-clock time to a target loss with the loopback shaped to 100 Mbit/s and 1 Gbit/s"),
     Benchmark("mnist1d.md", "MNIST-1D", "mnist1d",
               "accuracy and bytes of signmuon, muon and signsgd on MNIST-1D with 4 workers, with plots"),
+    Benchmark("byzantine.md", "Byzantine workers", "byzantine",
+              "final loss of vote and mean methods when 2 of 5 workers send flipped, random or zero messages"),
 ]
 
 problems: list[str] = []  # what could not be generated, reported at the end
@@ -383,7 +385,8 @@ def gen_run_config(out: Path) -> None:
     try:
         from commlmo import runconfig, tasks
 
-        links = {"TrainConfig": "#trainconfig", "ScheduleConfig": "#scheduleconfig"}
+        links = {"TrainConfig": "#trainconfig", "ScheduleConfig": "#scheduleconfig",
+                 "AdversaryConfig": "#adversaryconfig", "FaultConfig": "#faultconfig"}
         parts = [
             model_section("RunConfig", "runconfig", "top level of a run config", runconfig.RunConfig,
                           fields_table(runconfig.RunConfig, links=links, kind_urls={"task": "#task-"}, skip=())),
@@ -391,6 +394,10 @@ def gen_run_config(out: Path) -> None:
                           fields_table(runconfig.TrainConfig, links=links)),
             model_section("ScheduleConfig", "scheduleconfig", "`train.schedule`", runconfig.ScheduleConfig,
                           fields_table(runconfig.ScheduleConfig, skip=())),
+            model_section("AdversaryConfig", "adversaryconfig", "`train.adversaries`", runconfig.AdversaryConfig,
+                          fields_table(runconfig.AdversaryConfig, skip=())),
+            model_section("FaultConfig", "faultconfig", "`train.fault`", runconfig.FaultConfig,
+                          fields_table(runconfig.FaultConfig, skip=())),
         ]
         for kind, module in tasks.KINDS.items():
             parts.append(model_section(f"Task `{kind}`", f"task-{kind}", f"`task` with `kind: {kind}`",

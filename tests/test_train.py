@@ -120,7 +120,7 @@ def test_torchrun_runs_one_rank_per_process(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train", "{bad_field}"], "train.stpes = 3: unknown field 'stpes' (did you mean 'steps'?); allowed: backend"),
+    (["train", "{bad_field}"], "train.stpes = 3: unknown field 'stpes' (did you mean 'steps' or 'stop_after'?); allowed: adversaries, backend"),
     (["train", "{bad_kind}"], "task = {'kind': 'mnist'}: unknown task kind; allowed: mnist1d, matrix, chargpt, custom"),
     (["train", "{good}", "--nproc", "3"], "train.global_batch = 128 does not split over 3 workers; use a multiple of 3"),
     (["compare", "signmuon", "muon"], "'signmuon' is an optimizer, not a run config: name the task with --task"),

@@ -6,6 +6,10 @@ A :class:`Task` owns the model and the data of one rank.  The run loop calls::
     loss, metrics = task.loss(batch)          # metrics: e.g. {"acc": 0.93}; may override "loss"
     results = task.evaluate()                 # held-out {"loss": ..., "acc": ...}, on rank 0
 
+``train_batch(step)`` is a function of the step (and the seed) alone, which is
+what lets a run resume exactly from a checkpoint; a task with other state (a
+stream over files, say) saves it in :meth:`Task.state_dict`.
+
 Every rank builds its task with the same seed, so the models start identical
 (the run loop checks this) and the data order is one global order: at step
 ``s`` the global batch is positions ``[s*B, (s+1)*B)`` of a seeded permutation
@@ -66,6 +70,19 @@ class Task:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must save besides the model to resume the data exactly (default: nothing).
+
+        The built-in tasks draw batch ``s`` from a generator seeded by the seed and
+        ``s``, so they have nothing to save.
+        """
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        if state:
+            raise ValueError(f"{type(self).__name__} saves no state, but the checkpoint holds {sorted(state)}")
 
 
 class SupervisedTask(Task):
