@@ -195,15 +195,24 @@ class FallbackConfig(_Model):
 
     @model_validator(mode="after")
     def _options_accepted(self) -> FallbackConfig:
-        try:  # build once on a dummy tensor so a bad option fails at load time, not at step 1
-            self.build([torch.zeros(1, requires_grad=True)])
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"torch.optim.{self.optimizer}(lr={self.lr}, **{self.options}) fails: {exc}") from None
+        # Names are checked against the constructor's signature; building a throw-away
+        # optimizer would check values too but imports torch._dynamo (about 1.5 s per process).
+        cls = getattr(torch.optim, self.optimizer)
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "params", "lr"}
+        unknown = sorted(set(self.options) - accepted)
+        if unknown:
+            raise ValueError(
+                f"torch.optim.{self.optimizer} takes no option {', '.join(repr(u) for u in unknown)}"
+                f"{did_you_mean(unknown[0], accepted)}; it takes: {', '.join(sorted(accepted))}"
+            )
         return self
 
     def build(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
-        """The torch optimizer over ``params``."""
-        return getattr(torch.optim, self.optimizer)(params, lr=self.lr, **self.options)
+        """The torch optimizer over ``params``; a bad option value raises :class:`ConfigError`."""
+        try:
+            return getattr(torch.optim, self.optimizer)(params, lr=self.lr, **self.options)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"fallback: torch.optim.{self.optimizer}(lr={self.lr}, **{self.options}) fails: {exc}") from None
 
 
 class OptimizerConfig(_Model):

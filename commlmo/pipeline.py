@@ -29,19 +29,25 @@ from .plugin import LMO, Aggregator, Compressor, Encoded, LRRule
 
 __all__ = ["Generators", "GroupRuntime", "momentum_update", "step_family", "corrupt", "Adversary"]
 
-Adversary = Literal["flip", "random", "zero"]
+Adversary = Literal["flip", "amplify", "random", "zero"]
+#: how much an ``amplify`` adversary scales up its reversed message
+AMPLIFY = 10.0
 
 
 def corrupt(v: Tensor, mode: Adversary, *, generator: torch.Generator) -> Tensor:
     """The message a Byzantine worker sends instead of ``v`` (before uplink compression).
 
-    ``flip``: ``-v`` (every sign inverted); ``random``: Gaussian noise of the same
+    ``flip``: ``-v`` (every sign inverted); ``amplify``: ``-10 v`` (a reversed message
+    ten times too large: two such workers of five reverse a mean, while a vote,
+    one bit per worker, cannot be outshouted); ``random``: Gaussian noise of the same
     norm (random signs); ``zero``: nothing (a sign compressor turns it into random
     bits).  Used to test robustness (signSGD-MV tolerates up to half such workers,
     Bernstein et al. 2019); never part of a real run.
     """
     if mode == "flip":
         return -v
+    if mode == "amplify":
+        return v * -AMPLIFY
     if mode == "zero":
         return torch.zeros_like(v)
     noise = torch.randn(v.shape, generator=generator, device=v.device, dtype=torch.float32)

@@ -63,7 +63,7 @@ class AdversaryConfig(_Model):
     """
 
     ranks: list[int] = Field(min_length=1, description="Ranks that send corrupted messages.")
-    mode: Literal["flip", "random", "zero"] = "flip"
+    mode: Literal["flip", "amplify", "random", "zero"] = "flip"
 
     @field_validator("ranks")
     @classmethod
@@ -84,7 +84,7 @@ class AdversaryConfig(_Model):
             raise ValueError(f"ranks {self.ranks} make all {world_size} workers adversarial; "
                              "leave at least one honest worker")
 
-    def mode_of(self, rank: int) -> Literal["flip", "random", "zero"] | None:
+    def mode_of(self, rank: int) -> Literal["flip", "amplify", "random", "zero"] | None:
         """What ``rank`` sends: ``mode`` if it is adversarial, else ``None`` (its own messages)."""
         return self.mode if rank in self.ranks else None
 

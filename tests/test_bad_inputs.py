@@ -105,8 +105,8 @@ BAD = [
     ("gluon with no smoothness", lambda: build_plugin("lr_rule", {"kind": "gluon", "l0": 0, "l1": 0}), Exception, ["l0", "l1"]),
     ("negative weight decay", lambda: load_config({"preset": "muon", "groups": {"hidden": {"weight_decay": -0.1}}}),
      ConfigError, ["weight_decay", "-0.1"]),
-    ("bad fallback option", lambda: load_config({"preset": "muon", "fallback": {"options": {"betas": 0.9}}}),
-     ConfigError, ["fallback", "AdamW"]),
+    ("bad fallback option value", lambda: build_optimizer(_linear(), {"preset": "muon", "fallback": {"options": {"betas": 0.9}}}),
+     ConfigError, ["fallback: torch.optim.AdamW", "'betas': 0.9"]),
     # shapes and dtypes a plugin does not take
     ("spectral on a vector", lambda: build_plugin("lmo", "spectral").direction(torch.randn(7)), ValueError, ["ndim >= 2", "(7,)"]),
     ("spectral group takes a bias", lambda: build_optimizer(_linear(), {"groups": [{"name": "v", "params": {"ndim": [1]}}]}),

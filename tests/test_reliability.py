@@ -21,9 +21,9 @@ def _model(seed=0, hidden=6):
     return model
 
 
-def _backward(model, seed=0, poison=False):
+def _backward(model, seed=0, poison=False, batch=4):
     g = torch.Generator().manual_seed(seed)
-    model(torch.randn(4, 5, generator=g)).square().mean().backward()
+    model(torch.randn(batch, 5, generator=g)).square().mean().backward()
     if poison:
         next(model.parameters()).grad[0, 0] = float("nan")
 
@@ -166,7 +166,7 @@ def test_mismatched_ranks_on_real_processes_error_instead_of_hanging():
         spawn(_mismatched_worker, 2, timeout_s=60)
 
 
-@pytest.mark.parametrize("mode", ["flip", "random", "zero"])
+@pytest.mark.parametrize("mode", ["flip", "amplify", "random", "zero"])
 def test_a_minority_of_byzantine_workers_cannot_turn_the_vote(mode):
     """5 workers with the same gradient, 2 adversaries: the vote still steps along -sign(grad)."""
 
@@ -193,3 +193,38 @@ def test_byzantine_workers_do_hurt_the_mean():
 
     # 3 of 5 flip: the mean now climbs the loss
     assert all(progress < 0 for progress in simulate(5, run))
+
+
+def test_two_amplifying_workers_of_five_reverse_the_mean_but_not_the_vote():
+    """Honest workers with different stochastic gradients (own batches of 256); 2 of 5 send -10x theirs."""
+
+    def run(preset):
+        def worker(rank, comm):
+            model = _model()
+            opt = build_optimizer(model, preset, process_group=comm, adversary="amplify" if rank < 2 else None)
+            _backward(model, rank, batch=256)  # each rank its own batch
+            before = model[0].weight.detach().clone()
+            opt.step()
+            return before - model[0].weight.detach()
+
+        return simulate(5, worker)[0]
+
+    def honest_direction(preset):
+        return simulate(5, lambda rank, comm: _honest_step(preset, rank, comm))[0]
+
+    for preset, robust in (("signsgd", True), ("muonserver", False)):
+        attacked, clean = run(preset), honest_direction(preset)
+        agreement = torch.nn.functional.cosine_similarity(attacked.flatten(), clean.flatten(), dim=0)
+        if robust:
+            assert agreement > 0.5, (preset, float(agreement))
+        else:
+            assert agreement < -0.5, (preset, float(agreement))
+
+
+def _honest_step(preset, rank, comm):
+    model = _model()
+    opt = build_optimizer(model, preset, process_group=comm)
+    _backward(model, rank, batch=256)
+    before = model[0].weight.detach().clone()
+    opt.step()
+    return before - model[0].weight.detach()
