@@ -1,13 +1,15 @@
-"""Byzantine workers: 2 of 5 send flipped, random or zero messages; what each method loses.
+"""Byzantine workers: 2 of 5 send flipped, amplified, random or zero messages; what each method loses.
 
     python bench/byzantine.py                   # both regimes (about 5 min on 2 cores); writes docs/benchmarks/byzantine.md
     python bench/byzantine.py --regime exact    # only the quadratic (about 1 min); prints, writes nothing
 
 Every run is a ``commlmo train`` run on 5 gloo workers, clean or with
 ``train.adversaries: {ranks: [0, 1], mode: MODE}``: ``flip`` sends ``-v``,
-``random`` Gaussian noise of the norm of ``v``, ``zero`` zeros (a sign uplink
-turns them into random bits).  The adversaries change only what they send, not
-its size: the corruption of ``commlmo.pipeline.corrupt``.  Two regimes:
+``amplify`` ``-10 v``, ``random`` Gaussian noise of the norm of ``v``, ``zero``
+zeros (a sign uplink turns them into random bits): the corruption of
+``commlmo.pipeline.corrupt``.  Only ``amplify`` changes the size of what is
+sent, and only size can outshout honest workers in a mean; a vote counts one
+bit per worker whatever its size.  Two regimes:
 
 * **exact gradients**: SignMuon's quadratic F(X) = 1/2 <X, A X B> (32 x 32,
   uniform spectrum) with ``noise: 0``, so every honest worker sends the same
@@ -28,20 +30,19 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+from _machine import describe_machine
 
 from commlmo.metrics import RunResult
 from commlmo.train import compare
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "byzantine.md"
 METHODS = ["signmuon", "signsgd", "muonserver", "muon"]
-MODES = ["clean", "flip", "random", "zero"]
+MODES = ["clean", "flip", "amplify", "random", "zero"]
 REGIMES = {
     "exact": ("Exact gradients: SignMuon's quadratic, 32 x 32, noise 0, 200 steps",
               {"task": {"kind": "matrix", "m": 32, "n": 32, "noise": 0.0},
@@ -90,15 +91,7 @@ def table(runs: dict[str, RunResult]) -> list[str]:
 
 
 def _machine() -> str:
-    cpu = platform.processor()
-    if not cpu and Path("/proc/cpuinfo").exists():
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]
-        cpu = names[0] if names else ""
-    import os
-
-    return (f"{cpu or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-            f"Python {platform.python_version()}; 5 gloo workers, one thread each")
+    return describe_machine() + "; 5 gloo workers, one thread each"
 
 
 def main() -> None:

@@ -15,7 +15,6 @@ runs on a shared machine; the interleaved ratio is the number to compare.
 from __future__ import annotations
 
 import datetime
-import platform
 import statistics
 import sys
 import time
@@ -23,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _machine import describe_machine
 from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS, _zeropower_via_newtonschulz
 
 from commlmo.registry import build_plugin
@@ -116,13 +116,7 @@ def accuracy_table() -> list[str]:
 
 
 def _machine() -> str:
-    cpu = platform.processor()
-    if not cpu and Path("/proc/cpuinfo").exists():
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]
-        cpu = names[0] if names else ""
-    return (f"{cpu or platform.machine()} ({platform.machine()}), torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
+    return f"{describe_machine()}, {torch.get_num_threads()} threads"
 
 
 def main() -> None:

@@ -158,7 +158,7 @@ class GroupConfig(_Model):
         if self.lmo is not None and self.lmo_at == "none":
             raise ValueError(f"lmo_at is 'none' but lmo is {self.lmo.kind!r}; set lmo: null or lmo_at: worker|server")
         uplink = registry.build_plugin("compressor", self.uplink)
-        downlink = registry.build_plugin("compressor", self.downlink)
+        registry.build_plugin("compressor", self.downlink)  # building it checks its own constraints
         aggregator = registry.build_plugin("aggregator", self.aggregator)
         lr_rule = registry.get("lr_rule", self.lr_rule.kind)
         if getattr(uplink.capabilities, "downlink_only", False):

@@ -9,6 +9,7 @@ import torch
 
 from commlmo import DistributedError, NonFiniteGradientError, build_optimizer, simulate
 from commlmo.launch import spawn
+from resume_runs import flat
 
 
 def _model(seed=0, hidden=6):
@@ -33,16 +34,6 @@ def _snapshot(model, opt):
 
 
 def _assert_same(a, b):
-    def flat(x, prefix=""):
-        if isinstance(x, dict):
-            for k, v in x.items():
-                yield from flat(v, f"{prefix}.{k}")
-        elif isinstance(x, (list, tuple)):
-            for i, v in enumerate(x):
-                yield from flat(v, f"{prefix}.{i}")
-        else:
-            yield prefix, x
-
     fa, fb = dict(flat(a)), dict(flat(b))
     assert fa.keys() == fb.keys()
     for k in fa:

@@ -1,0 +1,20 @@
+"""One line describing the machine a benchmark ran on (shared by the bench scripts)."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+
+def describe_machine() -> str:
+    """CPU model, core count, torch and Python versions."""
+    cpu = platform.processor()
+    if not cpu and Path("/proc/cpuinfo").exists():
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")]
+        cpu = names[0] if names else ""
+    return (f"{cpu or platform.machine()} ({platform.machine()}), {os.cpu_count()} CPU cores, "
+            f"torch {torch.__version__}, Python {platform.python_version()}")
