@@ -78,7 +78,7 @@ def test_the_float32_mean_is_measurably_hurt_by_the_same_two_adversaries(runs):
     ({"nproc": 3, "adversaries": {"ranks": [-1]}}, "ranks must be >= 0"),
     ({"nproc": 3, "adversaries": {"ranks": []}}, "train.adversaries.ranks = []: List should have at least 1 item"),
     ({"nproc": 3, "adversaries": {"ranks": [1], "mode": "flop"}},
-     "train.adversaries.mode = 'flop': Input should be 'flip', 'random' or 'zero'"),
+     "train.adversaries.mode = 'flop': Input should be 'flip', 'amplify', 'random' or 'zero'"),
     ({"nproc": 3, "adversaries": {"rank": [1]}}, "unknown field 'rank' (did you mean 'ranks'?)"),
     ({"nproc": 2, "fault": {"rank": 2, "at_step": 3}}, "train.fault = {'rank': 2, 'at_step': 3}: rank 2 does not exist"),
     ({"nproc": 2, "fault": {"rank": 1, "at_step": 3, "kind": "segfault"}}, "Input should be 'exit' or 'hang'"),
