@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -18,3 +21,12 @@ def describe_machine() -> str:
         cpu = names[0] if names else ""
     return (f"{cpu or platform.machine()} ({platform.machine()}), {os.cpu_count()} CPU cores, "
             f"torch {torch.__version__}, Python {platform.python_version()}")
+
+
+def provenance(started: float, machine: str) -> list[str]:
+    """The "Command: ... Machine: ..." lines every recorded benchmark table starts with."""
+    return [
+        f"Command: `python {' '.join(sys.argv)}` -- {datetime.date.today().isoformat()}, "
+        f"{time.perf_counter() - started:.0f} s.",
+        f"Machine: {machine}.",
+    ]

@@ -28,14 +28,12 @@ plus 10 %.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _machine import describe_machine
+from _machine import describe_machine, provenance
 
 from commlmo.metrics import RunResult
 from commlmo.train import compare
@@ -115,9 +113,7 @@ def main() -> None:
     header = [
         "# Byzantine workers: 2 of 5 adversarial",
         "",
-        f"Command: `python {' '.join(sys.argv)}` -- {datetime.date.today().isoformat()}, "
-        f"{time.perf_counter() - started:.0f} s.",
-        f"Machine: {_machine()}.",
+        *provenance(started, _machine()),
         "",
         (__doc__ or "").split("\n\n", 2)[2].strip(),
         "",

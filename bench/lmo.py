@@ -14,15 +14,13 @@ runs on a shared machine; the interleaved ratio is the number to compare.
 
 from __future__ import annotations
 
-import datetime
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _machine import describe_machine
+from _machine import describe_machine, provenance
 from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS, _zeropower_via_newtonschulz
 
 from commlmo.registry import build_plugin
@@ -126,9 +124,7 @@ def main() -> None:
     header = [
         "# Spectral LMO benchmark",
         "",
-        f"Command: `python {' '.join(sys.argv)}` -- {datetime.date.today().isoformat()}, "
-        f"{time.perf_counter() - started:.0f} s.",
-        f"Machine: {_machine()}.",
+        *provenance(started, _machine()),
         "",
         (__doc__ or "").split("\n\n", 2)[2].strip(),
         "",
