@@ -154,17 +154,14 @@ class CommOptimizer(torch.optim.Optimizer):
         A parameter that has a gradient on some rank gets a zero gradient on the
         others (as DDP treats unused parameters), so every rank sends the same layout.
         """
-        flags = torch.zeros(1 + len(entries), dtype=torch.uint8, device=entries[0][1].device if entries else "cpu")
-        for i, (name, p) in enumerate(entries):
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
+        for name, p in entries:
+            if p.grad is not None and p.grad.is_sparse:
                 raise ConfigError(f"parameter {name!r} has a sparse gradient; commlmo needs dense gradients")
-            if p.grad.shape != p.shape:
+            if p.grad is not None and p.grad.shape != p.shape:
                 raise ConfigError(f"parameter {name!r} of shape {tuple(p.shape)} has a gradient of shape {tuple(p.grad.shape)}")
-            flags[1 + i] = 1
-            if not bool(torch.isfinite(p.grad).all()):
-                flags[0] = 1
+        nonfinite = any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for _, p in entries)
+        flags = torch.tensor([nonfinite] + [p.grad is not None for _, p in entries], dtype=torch.uint8,
+                             device=entries[0][1].device if entries else "cpu")
         self.comm.all_max_(flags, label="step_agreement")
         if flags[0]:
             return False
@@ -214,18 +211,13 @@ class CommOptimizer(torch.optim.Optimizer):
 
     def _fallback_step(self, params: list[Tensor]) -> None:
         """AdamW (or the configured optimizer) on the mean gradient, as DDP would feed it."""
-        from .transport import dense_sum
+        from .transport import sum_by_dtype
 
         m = self.comm.world_size
         if m > 1:
-            by_dtype: dict[torch.dtype, list[Tensor]] = {}
-            for p in params:
-                by_dtype.setdefault(p.grad.dtype, []).append(p)  # type: ignore[union-attr]
-            for ps in by_dtype.values():
-                flat = torch.cat([p.grad.reshape(-1) for p in ps])  # type: ignore[union-attr]
-                flat = dense_sum(flat, self.comm, transport="owner", label="fallback").div_(m)
-                for p, g in zip(ps, torch.split(flat, [p.numel() for p in ps])):
-                    p.grad = g.view_as(p).clone()
+            sums = sum_by_dtype([p.grad for p in params], self.comm, transport="owner", label="fallback")  # type: ignore[misc]
+            for p, total in zip(params, sums):
+                p.grad = total.div(m)
         self.fallback.step()  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ state

@@ -14,7 +14,6 @@ Payloads that do not sum (top-k, natural, rank-k factors) are serialised to one
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -24,7 +23,10 @@ from torch import Tensor
 from .comm import Communicator
 from .plugin import Compressor, Payload
 
-__all__ = ["owner_sum", "dense_sum", "gather_payloads", "mean_of_payloads", "as_bytes", "Transport", "bytes_per_rank"]
+__all__ = [
+    "owner_sum", "dense_sum", "sum_by_dtype", "gather_payloads", "mean_of_payloads", "as_bytes", "Transport",
+    "bytes_per_rank",
+]
 
 Transport = Literal["owner", "allreduce", "allgather", "int8"]
 
@@ -57,6 +59,19 @@ def dense_sum(flat: Tensor, comm: Communicator, *, transport: Transport, label: 
     if transport == "allreduce":
         return comm.all_reduce_sum_(flat.clone() if comm.world_size > 1 else flat, label=label)
     return owner_sum(flat, comm, label=label)
+
+
+def sum_by_dtype(tensors: Sequence[Tensor], comm: Communicator, *, transport: Transport, label: str) -> list[Tensor]:
+    """Each tensor summed over ranks, with one collective per dtype (a whole group travels together)."""
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    out: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
+    for members in by_dtype.values():
+        flat = dense_sum(torch.cat([tensors[i].reshape(-1) for i in members]), comm, transport=transport, label=label)
+        for i, part in zip(members, torch.split(flat, [tensors[i].numel() for i in members])):
+            out[i] = part.view(tensors[i].shape)
+    return out
 
 
 def gather_payloads(payloads: Sequence[Payload], comm: Communicator, *, label: str) -> list[list[Payload]]:
@@ -101,19 +116,11 @@ def mean_of_payloads(
     if transport in ("owner", "allreduce"):
         if not codec.capabilities.summable:
             raise ValueError(f"transport {transport!r} sums wire tensors, but {codec.kind!r} payloads do not sum")
-        # one flat buffer per wire dtype, so one collective carries a whole group
-        by_dtype: dict[torch.dtype, list[Tensor]] = {}
-        for p in payloads:
-            for w in p.wire:
-                by_dtype.setdefault(w.dtype, []).append(w)
-        summed: dict[torch.dtype, list[Tensor]] = {}
-        for dtype, ws in by_dtype.items():
-            flat = dense_sum(torch.cat([w.reshape(-1) for w in ws]), comm, transport=transport, label=label)
-            summed[dtype] = list(torch.split(flat, [w.numel() for w in ws]))
+        summed = iter(sum_by_dtype([w for p in payloads for w in p.wire], comm, transport=transport, label=label))
         out = []
         for p in payloads:
-            wires = tuple(summed[w.dtype].pop(0).view(w.shape) for w in p.wire)
-            out.append(codec.decompress(Payload(wires, p.ctx)).div_(m) if m > 1 else codec.decompress(Payload(wires, p.ctx)))
+            total = codec.decompress(Payload(tuple(next(summed) for _ in p.wire), p.ctx))
+            out.append(total.div_(m) if m > 1 else total)
         return out
     gathered = gather_payloads(payloads, comm, label=label)
     out = []
@@ -147,6 +154,3 @@ def cheapest(options: Sequence[Transport], **sizes: int) -> Transport:
     """The transport with the fewest bytes per rank; ties go to the earlier option."""
     return min(options, key=lambda t: (bytes_per_rank(t, **sizes), options.index(t)))  # type: ignore[arg-type]
 
-
-def packed_len(numel: int) -> int:
-    return math.ceil(numel / 8)

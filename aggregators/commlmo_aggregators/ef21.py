@@ -26,7 +26,7 @@ from torch import Tensor
 from commlmo.plugin import Aggregator, AggregatorCapabilities, Compressor, PluginConfig
 from commlmo.transport import mean_of_payloads
 
-from .mean import pick_mean_transport
+from .mean import pick_mean_transport, transport_problem
 
 __all__ = ["EF21", "EF21Config"]
 
@@ -52,11 +52,7 @@ class EF21(Aggregator):
                 f"aggregator 'ef21' needs a contractive (or unbiased) uplink compressor; {uplink.kind!r} "
                 "with this config is neither (e.g. use sign with scale: mean, topk, rankk or natural)"
             )
-        try:
-            pick_mean_transport(self.config.transport, uplink)
-        except ValueError as exc:
-            return str(exc)
-        return None
+        return transport_problem(self.config.transport, uplink)
 
     def init_state(self, param: Tensor) -> dict[str, Tensor]:
         return {"ef21_local": torch.zeros_like(param), "ef21_global": torch.zeros_like(param)}

@@ -38,7 +38,7 @@ __all__ = ["MajorityVote", "MajorityVoteConfig"]
 
 
 class MajorityVoteConfig(PluginConfig):
-    """Config of ``majorityvote``."""
+    """Config of ``majority_vote``."""
 
     kind: Literal["majority_vote"] = "majority_vote"
     transport: Literal["auto", "owner", "int8", "allgather"] = Field(

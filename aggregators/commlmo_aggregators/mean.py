@@ -12,7 +12,7 @@ from torch import Tensor
 from commlmo.plugin import Aggregator, Compressor, PluginConfig
 from commlmo.transport import cheapest, mean_of_payloads
 
-__all__ = ["Mean", "MeanConfig", "pick_mean_transport"]
+__all__ = ["Mean", "MeanConfig", "pick_mean_transport", "transport_problem"]
 
 MeanTransport = Literal["auto", "owner", "allreduce", "allgather"]
 
@@ -42,6 +42,15 @@ def pick_mean_transport(transport: str, uplink: Compressor, *, world_size: int =
     return transport
 
 
+def transport_problem(transport: str, uplink: Compressor) -> str | None:
+    """``None`` if ``transport`` can carry ``uplink``'s payloads, else why not (for ``check_uplink``)."""
+    try:
+        pick_mean_transport(transport, uplink)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 class Mean(Aggregator):
     """Average of the decompressed uplink messages (DDP's all-reduce when the uplink is identity).
 
@@ -53,11 +62,7 @@ class Mean(Aggregator):
     Config = MeanConfig
 
     def check_uplink(self, uplink: Compressor) -> str | None:
-        try:
-            pick_mean_transport(self.config.transport, uplink)
-        except ValueError as exc:
-            return str(exc)
-        return None
+        return transport_problem(self.config.transport, uplink)
 
     def aggregate(self, vectors: Sequence[Tensor], states, *, uplink, comm, generators, label) -> list[Tensor]:
         gen = generators.for_(uplink)
