@@ -6,6 +6,7 @@ kind       what
 mnist1d    MNIST-1D generated offline (``mnist1d.make_dataset``), MLP or CNN
 matrix     SignMuon's quadratic F(X) = 1/2 <X, A X B>, known L and optimum
 chargpt    a small character-level transformer on a text corpus
+gpt        nanoGPT / GPT-2 on a BPE-tokenized corpus (tokenizer trained offline)
 custom     your own ``module:function`` returning a model and data
 =========  ==============================================================
 
@@ -20,15 +21,15 @@ from typing import Annotated, Any, Union
 
 from pydantic import Field
 
-from . import chargpt, custom, matrix, mnist1d
+from . import chargpt, custom, gpt, matrix, mnist1d
 from .base import SupervisedTask, Task, shard_size
 
 __all__ = ["Task", "SupervisedTask", "TaskConfig", "KINDS", "build_task", "prepare_task", "shard_size"]
 
-KINDS = {"mnist1d": mnist1d, "matrix": matrix, "chargpt": chargpt, "custom": custom}
+KINDS = {"mnist1d": mnist1d, "matrix": matrix, "chargpt": chargpt, "custom": custom, "gpt": gpt}
 
 TaskConfig = Annotated[
-    Union[mnist1d.Config, matrix.Config, chargpt.Config, custom.Config],
+    Union[mnist1d.Config, matrix.Config, chargpt.Config, custom.Config, gpt.Config],
     Field(discriminator="kind"),
 ]
 
