@@ -4,8 +4,12 @@ A config is data.  Each *group* is one row of choices -- the LMO and where it
 runs, the uplink compressor, the aggregator, the downlink compressor, the
 per-layer learning-rate rule, momentum and weight decay -- plus a rule that
 says which parameters it takes (name globs and dimensionality, first match
-wins).  Parameters no group takes go to the fallback optimizer (AdamW unless
-configured), fed with the plain mean gradient.
+wins: a name glob, a parameter *role* read from the module tree -- ``hidden``,
+``embedding``, ``head``, ``norm``, ``bias``, ``vector``, see :mod:`commlmo.routing` --
+and the number of dimensions).  Parameters no group takes go to the ``fallback``
+group, an ordinary group (AdamW on the float32 mean unless configured).  A group
+runs either momentum and an LMO or an element-wise ``rule`` (AdamW, Distributed
+Lion, 1-bit Adam...), always through an uplink compressor and an aggregator.
 
 :func:`load_config` accepts a path (``.yaml``/``.yml``, ``.toml``, ``.json``), a
 mapping, a preset name, or an :class:`OptimizerConfig`; a config may name a
@@ -40,10 +44,12 @@ from pydantic_core import PydanticCustomError
 from . import registry
 from .errors import CommlmoError, ConfigError, did_you_mean
 from .plugin import PluginConfig
+from .routing import role_by_shape
 
 __all__ = [
     "MomentumConfig",
     "ParamMatch",
+    "ViewConfig",
     "GroupConfig",
     "FallbackConfig",
     "OptimizerConfig",
@@ -87,6 +93,10 @@ LMOField = _plugin_field("lmo")
 CompressorField = _plugin_field("compressor")
 AggregatorField = _plugin_field("aggregator")
 LRRuleField = _plugin_field("lr_rule")
+RuleField = _plugin_field("rule")
+
+#: a learning rate or weight decay: a finite real number (YAML ``true`` or ``'0.01'`` are refused, not coerced)
+Rate = Annotated[float, Field(ge=0.0, allow_inf_nan=False, strict=True)]
 
 
 class _Model(BaseModel):
@@ -109,31 +119,84 @@ class MomentumConfig(_Model):
 
 
 class ParamMatch(_Model):
-    """Which parameters a group takes: any name glob in ``names``, none in ``exclude``, ``ndim`` in ``ndim``."""
+    """Which parameters a group takes: any name glob in ``names``, none in ``exclude``, a role in
+    ``roles`` and ``ndim`` in ``ndim``."""
 
     names: list[str] = Field(default_factory=lambda: ["*"], min_length=1,
                              description="Globs (fnmatch, case-sensitive) on qualified parameter names; any one may match.")
     exclude: list[str] = Field(default_factory=list, description="Globs that reject a parameter that `names` matched.")
     ndim: list[Annotated[int, Field(ge=0, le=8)]] | None = Field(
         default_factory=lambda: [2, 3, 4, 5], description="Accepted tensor ranks; `null` accepts every rank.")
+    roles: list[Literal["hidden", "embedding", "head", "norm", "bias", "vector"]] | None = Field(
+        None, description="Accepted parameter roles read from the module tree (see commlmo.routing); "
+        "`null` accepts every role.")
 
-    def matches(self, name: str, tensor: torch.Tensor) -> bool:
-        """Whether the parameter ``name`` (with this tensor) belongs to the group."""
+    def matches(self, name: str, tensor: torch.Tensor, role: str | None = None) -> bool:
+        """Whether the parameter ``name`` (with this tensor and role) belongs to the group."""
         if self.ndim is not None and tensor.ndim not in self.ndim:
+            return False
+        if self.roles is not None and (role or role_by_shape(name, tensor)) not in self.roles:
             return False
         if not any(fnmatch.fnmatchcase(name, pat) for pat in self.names):
             return False
         return not any(fnmatch.fnmatchcase(name, pat) for pat in self.exclude)
 
 
+class ViewConfig(_Model):
+    """How the LMO and scaled compressors see a tensor of 2 or more dimensions.
+
+    * ``matrix`` -- one matrix ``out x (in*kh*kw...)`` (a conv kernel);
+    * ``stack`` -- the leading dimension indexes independent matrices: an MoE expert
+      tensor ``[E, m, n]`` is ``E`` matrices (batched Newton--Schulz), not one;
+    * ``blocks`` -- dim 0 is ``blocks`` fused matrices of equal height, e.g. a fused QKV
+      weight ``[3d, d]`` is 3 (or a merged qkvo weight 4, as in the SignMuon NanoGPT code)
+      matrices, each orthogonalised on its own, with one compressor scale per block.
+    """
+
+    kind: Literal["matrix", "stack", "blocks"] = Field("matrix", description="`matrix`, `stack` or `blocks`.")
+    blocks: int = Field(1, ge=1, description="For `blocks`: how many equal slices of dim 0.")
+
+    @model_validator(mode="after")
+    def _blocks_for_blocks(self) -> ViewConfig:
+        if self.kind == "blocks" and self.blocks < 2:
+            raise ValueError("view kind 'blocks' needs blocks >= 2 (e.g. 3 for a fused QKV weight)")
+        if self.kind != "blocks" and self.blocks != 1:
+            raise ValueError(f"blocks={self.blocks} only applies to view kind 'blocks'")
+        return self
+
+    def block_shape(self, shape: torch.Size) -> tuple[int, int, int]:
+        """``(B, m, n)``: the tensor seen as ``B`` matrices of ``m x n``."""
+        if len(shape) < 2:
+            return 1, 1, int(torch.Size(shape).numel())
+        if self.kind == "stack":
+            if len(shape) < 3:
+                raise ValueError(f"view 'stack' needs a tensor of 3 or more dimensions, got shape {tuple(shape)}")
+            return int(shape[0]), int(shape[1]), int(torch.Size(shape[2:]).numel())
+        rest = int(torch.Size(shape[1:]).numel())
+        if self.kind == "blocks":
+            if shape[0] % self.blocks:
+                raise ValueError(f"view blocks={self.blocks} must divide dim 0 of shape {tuple(shape)}")
+            return self.blocks, int(shape[0]) // self.blocks, rest
+        return 1, int(shape[0]), rest
+
+
 class GroupConfig(_Model):
-    """One row of choices, applied to the parameters that ``params`` selects."""
+    """One row of choices, applied to the parameters that ``params`` selects.
+
+    Either ``momentum`` + an ``lmo`` (``lmo_at`` worker, server or none), or an
+    element-wise ``rule`` that keeps its own moments (then ``lmo`` is null and
+    ``momentum`` is null).
+    """
 
     name: str = Field(min_length=1, description="Unique group name, used by overrides "
                       "(`groups: {hidden: {...}}`) and byte-accounting labels.")
     params: ParamMatch = Field(default_factory=ParamMatch, description="Which parameters the group takes.")
     lmo: LMOField | None = Field(  # type: ignore[valid-type]
         default_factory=lambda: dict(GROUP_DEFAULTS["lmo"]), description="The LMO; `null` together with `lmo_at: none`.")
+    rule: RuleField | None = Field(  # type: ignore[valid-type]
+        None, description="An element-wise update rule (`adamw`, `lion`, `onebit_adam`...) instead of momentum + LMO.")
+    view: ViewConfig = Field(default_factory=ViewConfig,
+                             description="How the LMO and scaled compressors see each tensor (matrix, stack, blocks).")
     lmo_at: Literal["worker", "server", "none"] = Field(
         "server", description="Where the LMO runs: on each `worker` before the uplink, on the `server` role "
         "after aggregation, or `none`.")
@@ -144,12 +207,26 @@ class GroupConfig(_Model):
     downlink: CompressorField = Field(  # type: ignore[valid-type]
         default_factory=lambda: dict(GROUP_DEFAULTS["downlink"]),
         description="Compressor of the server's step before every worker applies it (`ef21p` compresses the model).")
-    lr: float = Field(0.02, ge=0.0, description="Learning rate.")
+    lr: Rate = Field(0.02, description="Learning rate (a finite number >= 0).")
     lr_rule: LRRuleField = Field(  # type: ignore[valid-type]
         default_factory=lambda: dict(GROUP_DEFAULTS["lr_rule"]),
         description="Per-layer multiplier `scale(X)` of the learning rate.")
-    momentum: MomentumConfig = Field(default_factory=MomentumConfig, description="Momentum of each worker's gradient.")
-    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay `wd`: X ← X(1 − lr·wd) before the step.")
+    momentum: MomentumConfig | None = Field(default_factory=MomentumConfig,
+                                            description="Momentum of each worker's gradient; `null`: none "
+                                            "(always null with a `rule`).")
+    weight_decay: Rate = Field(0.0, description="Decoupled weight decay `wd`: X ← X(1 − lr·wd) before the step.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rule_defaults(cls, data: Any) -> Any:
+        # a rule replaces momentum + LMO: unless given, those default to null (and the lr rule to constant)
+        if isinstance(data, Mapping) and data.get("rule") is not None:
+            data = dict(data)
+            data.setdefault("lmo", None)
+            data.setdefault("lmo_at", "none")
+            data.setdefault("momentum", None)
+            data.setdefault("lr_rule", {"kind": "constant"})
+        return data
 
     @model_validator(mode="after")
     def _compatible(self) -> GroupConfig:
@@ -157,15 +234,22 @@ class GroupConfig(_Model):
             raise ValueError(f"lmo is null but lmo_at is {self.lmo_at!r}; set lmo_at: none, or name an lmo")
         if self.lmo is not None and self.lmo_at == "none":
             raise ValueError(f"lmo_at is 'none' but lmo is {self.lmo.kind!r}; set lmo: null or lmo_at: worker|server")
-        uplink = registry.build_plugin("compressor", self.uplink)
-        registry.build_plugin("compressor", self.downlink)  # building it checks its own constraints
-        aggregator = registry.build_plugin("aggregator", self.aggregator)
+        if self.rule is not None and self.lmo is not None:
+            raise ValueError(f"rule {self.rule.kind!r} is an element-wise update rule: it replaces the LMO; "
+                             f"set lmo: null (got lmo {self.lmo.kind!r})")
+        if self.rule is not None and self.momentum is not None:
+            raise ValueError(f"rule {self.rule.kind!r} keeps its own moments; set momentum: null")
+        # Declared capabilities only: validating a config builds no plugin.
+        up_caps = registry.get("compressor", self.uplink.kind).capabilities_of(self.uplink)
+        down_caps = registry.get("compressor", self.downlink.kind).capabilities_of(self.downlink)
+        aggregator = registry.get("aggregator", self.aggregator.kind)
         lr_rule = registry.get("lr_rule", self.lr_rule.kind)
-        if getattr(uplink.capabilities, "downlink_only", False):
-            raise ValueError(f"uplink {uplink.kind!r} is a downlink-only compressor; use it as downlink")
-        why = aggregator.check_uplink(uplink)
+        if getattr(up_caps, "downlink_only", False):
+            raise ValueError(f"uplink {self.uplink.kind!r} is a downlink-only compressor; use it as downlink")
+        why = aggregator.check_uplink(self.aggregator, self.uplink.kind, up_caps)  # type: ignore[attr-defined]
         if why:
             raise ValueError(why)
+        del down_caps
         if lr_rule.needs_dual_norm and self.lmo_at != "server":
             raise ValueError(
                 f"lr_rule {self.lr_rule.kind!r} reads the dual norm of the aggregate, so it needs "
@@ -174,45 +258,79 @@ class GroupConfig(_Model):
         return self
 
 
-class FallbackConfig(_Model):
-    """Optimizer for the parameters no group takes, fed with the mean gradient."""
+#: torch.optim names the ``fallback`` still accepts in the legacy form, and the rule each becomes
+LEGACY_OPTIMIZERS = {"AdamW": "adamw"}
 
-    optimizer: str = Field("AdamW", description="Name of a `torch.optim` optimizer class.")
-    lr: float = Field(1e-3, ge=0.0, description="Its learning rate.")
-    options: dict[str, Any] = Field(
-        default_factory=dict, description="Other keyword arguments of that optimizer, e.g. `{weight_decay: 0.01}`.")
 
-    @field_validator("optimizer")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        names = sorted(
-            n for n, o in vars(torch.optim).items()
-            if inspect.isclass(o) and issubclass(o, torch.optim.Optimizer) and o is not torch.optim.Optimizer
+def _legacy_fallback(value: Any) -> Any:
+    """Turn ``{optimizer: AdamW, lr, options}`` (the first release's fallback) into a group mapping."""
+    if not isinstance(value, Mapping) or not ("optimizer" in value or "options" in value):
+        return value
+    value = {"optimizer": "AdamW", **value}
+    extra = sorted(set(value) - {"optimizer", "lr", "options"})
+    if extra:
+        raise ValueError(f"a fallback given as {{optimizer: ...}} takes only optimizer, lr, options; "
+                         f"got also {', '.join(extra)}")
+    name = value["optimizer"]
+    names = sorted(
+        n for n, o in vars(torch.optim).items()
+        if inspect.isclass(o) and issubclass(o, torch.optim.Optimizer) and o is not torch.optim.Optimizer
+    )
+    if name not in LEGACY_OPTIMIZERS:
+        if name not in names:
+            raise ValueError(f"fallback.optimizer = {name!r} is not a torch.optim optimizer"
+                             f"{did_you_mean(str(name), names)}; "
+                             f"allowed: {', '.join(LEGACY_OPTIMIZERS)}, or give the fallback as a group with an "
+                             f"element-wise rule ({', '.join(registry.names('rule'))})")
+        raise ValueError(f"fallback.optimizer = {name!r}: the fallback is a pipeline group, so it runs commlmo's own "
+                         f"element-wise rules; allowed: {', '.join(LEGACY_OPTIMIZERS)} or a group with rule: "
+                         f"{' | '.join(registry.names('rule'))}")
+    options = dict(value.get("options") or {})
+    accepted = {"betas", "eps", "weight_decay"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        real = set(inspect.signature(torch.optim.AdamW.__init__).parameters) - {"self", "params", "lr"}
+        raise ValueError(
+            f"torch.optim.{name} takes no option {', '.join(repr(u) for u in unknown)}"
+            f"{did_you_mean(unknown[0], real)}; it takes: {', '.join(sorted(accepted))} here"
+            if unknown[0] not in real else
+            f"option {unknown[0]!r} of torch.optim.{name} has no commlmo equivalent; it takes: "
+            f"{', '.join(sorted(accepted))}"
         )
-        if v not in names:
-            raise ValueError(f"{v!r} is not a torch.optim optimizer{did_you_mean(v, names)}; allowed: {', '.join(names)}")
-        return v
+    rule: dict[str, Any] = {"kind": LEGACY_OPTIMIZERS[name]}
+    if "betas" in options:
+        rule["betas"] = options["betas"]
+    if "eps" in options:
+        rule["eps"] = options["eps"]
+    group: dict[str, Any] = {"rule": rule, "uplink": {"kind": "identity"}, "aggregator": {"kind": "mean"}}
+    if "lr" in value:
+        group["lr"] = value["lr"]
+    # the legacy form means torch.optim.AdamW, so its defaults (weight decay 0.01) apply
+    group["weight_decay"] = options.get("weight_decay", 0.01)
+    return group
 
-    @model_validator(mode="after")
-    def _options_accepted(self) -> FallbackConfig:
-        # Names are checked against the constructor's signature; building a throw-away
-        # optimizer would check values too but imports torch._dynamo (about 1.5 s per process).
-        cls = getattr(torch.optim, self.optimizer)
-        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "params", "lr"}
-        unknown = sorted(set(self.options) - accepted)
-        if unknown:
-            raise ValueError(
-                f"torch.optim.{self.optimizer} takes no option {', '.join(repr(u) for u in unknown)}"
-                f"{did_you_mean(unknown[0], accepted)}; it takes: {', '.join(sorted(accepted))}"
-            )
-        return self
 
-    def build(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
-        """The torch optimizer over ``params``; a bad option value raises :class:`ConfigError`."""
-        try:
-            return getattr(torch.optim, self.optimizer)(params, lr=self.lr, **self.options)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"fallback: torch.optim.{self.optimizer}(lr={self.lr}, **{self.options}) fails: {exc}") from None
+class FallbackConfig(GroupConfig):
+    """The group of the parameters no other group takes: AdamW on the float32 mean unless configured.
+
+    An ordinary group (any rule or LMO, uplink, aggregator).  The first release's form
+    ``{optimizer: AdamW, lr: ..., options: {betas, eps, weight_decay}}`` is still read.
+    """
+
+    name: str = Field("fallback", min_length=1, description="Its name in routing and byte accounting.")
+    params: ParamMatch = Field(default_factory=lambda: ParamMatch(ndim=None),
+                               description="Ignored: the fallback takes whatever no group took.")
+    lr: Rate = Field(1e-3, description="Learning rate.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        data = _legacy_fallback(data)
+        if isinstance(data, Mapping):
+            data = dict(data)
+            if data.get("rule") is None and "lmo" not in data and "momentum" not in data:
+                data.setdefault("rule", {"kind": "adamw"})
+        return data
 
 
 class OptimizerConfig(_Model):
@@ -220,15 +338,20 @@ class OptimizerConfig(_Model):
 
     preset: str | None = Field(None, description="Start from this preset; every other field given here overrides it "
                                "(`groups` given as a mapping merges into the preset's groups by name).")
+    elementwise: Literal["adamw", "lion", "onebit_adam", "signum", "scion"] | None = Field(
+        None, description="With a `preset`: the recipe of its embedding, head and vector groups "
+        "(default: the preset's own; see commlmo.presets).")
     groups: list[GroupConfig] = Field(min_length=1, description="The rows of choices, tried in order: a parameter "
                                       "goes to the first group whose `params` match it.")
-    fallback: FallbackConfig = Field(default_factory=FallbackConfig,
-                                     description="The optimizer of the parameters no group takes (fed the mean gradient).")
-    seed: int = Field(0, ge=0, description="Seed of the random streams (sign of zeros, vote tie-breaks, stochastic compressors).")
+    fallback: FallbackConfig = Field(default_factory=lambda: FallbackConfig.model_validate({}),
+                                     description="The group of the parameters no other group takes "
+                                     "(default: AdamW on the float32 mean).")
+    seed: int = Field(0, ge=0, lt=2**31, strict=True,
+                      description="Seed of the random streams (sign of zeros, vote tie-breaks, stochastic compressors).")
     nonfinite: Literal["raise", "skip"] = Field(
         "raise", description="A gradient with NaN or Inf on any rank: `raise` an error, or `skip` the step; "
         "either way nothing is sent and no state changes.")
-    verify_every: int = Field(0, ge=0, description="Every this many steps, compare an exact checksum of every "
+    verify_every: int = Field(0, ge=0, strict=True, description="Every this many steps, compare an exact checksum of every "
                               "parameter across ranks and raise if they diverged (0: never).")
 
     @field_validator("groups")
@@ -241,11 +364,54 @@ class OptimizerConfig(_Model):
             seen.add(g.name)
         return groups
 
+    @model_validator(mode="after")
+    def _fallback_name_free(self) -> OptimizerConfig:
+        if self.fallback.name in {g.name for g in self.groups}:
+            raise ValueError(f"group name {self.fallback.name!r} is the fallback group's; rename the group")
+        return self
+
+    def all_groups(self) -> list[GroupConfig]:
+        """The groups in routing order, the fallback last."""
+        return [*self.groups, self.fallback]
+
+    def recipe(self) -> dict[str, str]:
+        """``{role: group}``: which group takes a parameter of each role (matched by role and ndim only)."""
+        from .routing import ROLES
+
+        typical = {"hidden": 2, "embedding": 2, "head": 2, "norm": 1, "bias": 1, "vector": 1}
+        out = {}
+        for role in ROLES:
+            probe = torch.empty((2,) * typical[role], device="meta")
+            out[role] = next((g.name for g in self.groups if g.params.exclude == [] and g.params.matches(
+                "x.bias" if role == "bias" else "x", probe, role)), self.fallback.name)
+        return out
+
+    def describe_recipe(self) -> str:
+        """One line per parameter role: the group, its rule or LMO, uplink, aggregator and downlink."""
+        by_name = {g.name: g for g in self.all_groups()}
+        lines = []
+        for role, name in self.recipe().items():
+            g = by_name[name]
+            lines.append(f"{role:<9} -> {name:<9} {describe_group(g)}")
+        return "\n".join(lines)
+
     def describe(self) -> str:
         """The resolved config as YAML, for ``commlmo validate`` and logs."""
         import yaml
 
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=False), sort_keys=False)
+
+
+def describe_group(g: GroupConfig) -> str:
+    """``lion -> sign -> majority_vote -> identity`` style summary of one group's stages."""
+    if g.rule is not None:
+        step = g.rule.kind
+    elif g.lmo is not None:
+        step = f"{g.lmo.kind}@{g.lmo_at}"
+    else:
+        step = "momentum" if g.momentum is not None else "gradient"
+    up = g.uplink.kind + ("(scaled)" if getattr(g.uplink, "scale", "none") != "none" else "")
+    return f"{step}  uplink={up}  aggregator={g.aggregator.kind}  downlink={g.downlink.kind}  lr={g.lr:g}"
 
 
 # --------------------------------------------------------------------------- loading
@@ -300,8 +466,11 @@ def _merge(base: Any, override: Any, path: str = "") -> Any:
         out = dict(base)
         for k, v in override.items():
             sub = f"{path}.{k}" if path else k
-            # a plugin given with another kind replaces the preset's plugin wholesale
-            if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) and v.get("kind", out[k].get("kind")) != out[k].get("kind"):
+            # a plugin given with another kind replaces the preset's plugin wholesale, and so
+            # does a fallback in the first release's {optimizer: ...} form
+            if sub == "fallback" and isinstance(v, Mapping) and ("optimizer" in v or "options" in v):
+                out[k] = {"optimizer": "AdamW", **v}
+            elif isinstance(v, Mapping) and isinstance(out.get(k), Mapping) and v.get("kind", out[k].get("kind")) != out[k].get("kind"):
                 out[k] = dict(v)
             else:
                 out[k] = _merge(out.get(k), v, sub) if k in out else v
@@ -381,7 +550,13 @@ def load_config(source: Any) -> OptimizerConfig:
         name = raw["preset"]
         if name not in PRESETS:
             raise ConfigError(f"preset = {name!r}: unknown preset{did_you_mean(str(name), PRESETS)}; presets: {', '.join(PRESETS)}")
-        raw = _merge(preset_dict(name), {k: v for k, v in raw.items() if k != "preset"})
+        from .presets import ELEMENTWISE
+
+        recipe = raw.get("elementwise")
+        if recipe is not None and recipe not in ELEMENTWISE:
+            raise ConfigError(f"elementwise = {recipe!r}: unknown element-wise recipe"
+                              f"{did_you_mean(str(recipe), ELEMENTWISE)}; allowed: {', '.join(ELEMENTWISE)}")
+        raw = _merge(preset_dict(name, elementwise=recipe), {k: v for k, v in raw.items() if k != "preset"})
         raw["preset"] = name
     elif isinstance(raw.get("groups"), Mapping):
         raise ConfigError("groups given as a mapping only override a preset's groups; without a preset, give a list")

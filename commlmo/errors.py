@@ -20,6 +20,7 @@ __all__ = [
     "IncompatiblePluginsError",
     "DistributedError",
     "NonFiniteGradientError",
+    "AggregatorOutputError",
     "NonFiniteInputError",
 ]
 
@@ -58,6 +59,10 @@ class IncompatiblePluginsError(ConfigError):
 
 class DistributedError(CommlmoError, RuntimeError):
     """The distributed runtime cannot serve this request (world size, backend, wrapped model...)."""
+
+
+class AggregatorOutputError(CommlmoError, RuntimeError):
+    """An aggregator returned too few results, a wrong shape or dtype, or NaN/Inf from finite inputs."""
 
 
 class NonFiniteGradientError(CommlmoError, FloatingPointError):

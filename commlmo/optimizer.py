@@ -10,14 +10,19 @@ optimizer aggregates the workers' messages itself, so the model must *not* be
 wrapped in ``DistributedDataParallel``.  Without an initialised process group it
 runs on one process and calls no collective.
 
-Conventions from ``torch.optim``: ``param_groups`` (one per config group, then
-the fallback optimizer's groups, shared so LR schedulers reach all of them),
-lazily created ``state[p]``, ``state_dict``/``load_state_dict`` (momentum,
-error-feedback buffers, random generators and the fallback's state), closures.
+Conventions from ``torch.optim``: ``param_groups`` (one per non-empty pipeline
+group, the fallback group included, with ``params`` and ``param_names``), lazily
+created ``state[p]``, ``state_dict``/``load_state_dict`` (momentum, error-feedback
+buffers, rule moments, random generators; a state of another config or model is
+refused and changes nothing), closures.  ``opt.routing()`` and
+``opt.describe_routing()`` say where each parameter went.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,16 +30,21 @@ import torch
 from torch import Tensor
 
 from .comm import Communicator, make_communicator
-from .config import OptimizerConfig, load_config
+from .config import OptimizerConfig, describe_group, load_config
 from .errors import ConfigError, DistributedError, NonFiniteGradientError
 from .consistency import check_layout, verify_parameters
 from .pipeline import Adversary, GroupRuntime
+from .routing import parameter_roles, role_by_shape
 
 __all__ = ["CommOptimizer", "build_optimizer", "named_parameters_of"]
 
 
 def named_parameters_of(model_or_params: Any) -> list[tuple[str, Tensor]]:
-    """``(name, tensor)`` pairs from a module, named pairs, or plain tensors (named ``params.i``)."""
+    """``(name, tensor)`` pairs from a module, named pairs, or plain tensors (named ``params.i``).
+
+    A tensor given twice (under two names, or twice in a list) is refused: it would
+    be updated twice per step.
+    """
     if isinstance(model_or_params, torch.nn.Module):
         wrapper = type(model_or_params).__name__
         if isinstance(model_or_params, torch.nn.parallel.DistributedDataParallel) or wrapper in (
@@ -45,19 +55,45 @@ def named_parameters_of(model_or_params: Any) -> list[tuple[str, Tensor]]:
                 "commlmo aggregates them again (paying twice, and defeating compression). Pass the "
                 "unwrapped module (model.module) and let the commlmo optimizer do the communication."
             )
-        return [(n, p) for n, p in model_or_params.named_parameters() if p.requires_grad]
-    items = list(model_or_params)
-    if not items:
-        raise ConfigError("build_optimizer got an empty parameter list; pass a model or at least one parameter")
-    if all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in items):
-        return [(n, p) for n, p in items]
-    if all(isinstance(x, Tensor) for x in items):
-        return [(f"params.{i}", p) for i, p in enumerate(items)]
-    raise ConfigError("parameters must be a module, (name, tensor) pairs, or tensors")
+        named = [(n, p) for n, p in model_or_params.named_parameters() if p.requires_grad]
+    else:
+        items = list(model_or_params)
+        if not items:
+            raise ConfigError("build_optimizer got an empty parameter list; pass a model or at least one parameter")
+        if all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in items):
+            named = [(n, p) for n, p in items]
+        elif all(isinstance(x, Tensor) for x in items):
+            named = [(f"params.{i}", p) for i, p in enumerate(items)]
+        else:
+            raise ConfigError("parameters must be a module, (name, tensor) pairs, or tensors")
+    seen: dict[int, str] = {}
+    names: set[str] = set()
+    for n, p in named:
+        if isinstance(p, Tensor) and id(p) in seen:
+            raise ConfigError(f"parameter {n!r} is the same tensor as {seen[id(p)]!r}; pass each parameter "
+                              "once (it would be updated twice per step)")
+        if n in names:
+            raise ConfigError(f"two parameters are both named {n!r}; names must be unique")
+        if isinstance(p, Tensor):
+            seen[id(p)] = n
+        names.add(n)
+    return named
+
+
+def _config_fingerprint(config: OptimizerConfig) -> str:
+    """A short hash of the resolved config (what a state dict must have been saved under)."""
+    text = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class CommOptimizer(torch.optim.Optimizer):
-    """Communication-efficient layer-wise LMO optimizer described by an :class:`OptimizerConfig`."""
+    """Communication-efficient layer-wise LMO optimizer described by an :class:`OptimizerConfig`.
+
+    Every parameter belongs to a pipeline group (the config's groups, first match
+    wins, then the ``fallback`` group), each with an uplink compressor and an
+    aggregator; ``param_groups`` has one entry per non-empty group, with torch's
+    ``params``/``param_names`` and the group's ``lr``, ``weight_decay`` and ``momentum``.
+    """
 
     def __init__(
         self,
@@ -66,59 +102,46 @@ class CommOptimizer(torch.optim.Optimizer):
         *,
         comm: Communicator,
         adversary: Adversary | None = None,
+        roles: dict[str, str] | None = None,
     ):
         self.config, self.comm = config, comm
         named = list(named_params)
-        routed: list[list[tuple[str, Tensor]]] = [[] for _ in config.groups]
-        fallback: list[tuple[str, Tensor]] = []
+        roles = dict(roles or {})
+        all_groups = config.all_groups()
+        routed: list[list[tuple[str, Tensor]]] = [[] for _ in all_groups]
+        self._roles: dict[str, str] = {}
         for name, p in named:
             self._check_param(name, p)
+            role = roles.get(name) or role_by_shape(name, p)
+            self._roles[name] = role
             for i, g in enumerate(config.groups):
-                if g.params.matches(name, p):
+                if g.params.matches(name, p, role):
                     routed[i].append((name, p))
                     break
             else:
-                fallback.append((name, p))
+                routed[-1].append((name, p))
 
         groups, self._runtimes = [], []
-        for i, (gcfg, members) in enumerate(zip(config.groups, routed)):
+        for i, (gcfg, members) in enumerate(zip(all_groups, routed)):
             if not members:
                 continue
-            rt = GroupRuntime.build(gcfg, index=i, seed=config.seed, rank=comm.rank, device=members[0][1].device)
+            rt = GroupRuntime.build(gcfg, index=i, seed=config.seed, rank=comm.rank, device=members[0][1].device,
+                                    params=[p for _, p in members], world_size=comm.world_size)
             rt.adversary = adversary
             for name, p in members:
-                if rt.lmo is not None and not rt.lmo.capabilities.accepts(p.ndim):
-                    raise ConfigError(
-                        f"groups.{gcfg.name}: lmo {rt.lmo.kind!r} does not accept parameter {name!r} of shape "
-                        f"{tuple(p.shape)} ({p.ndim}-D); narrow params.ndim or pick another lmo"
-                    )
-                if not rt.lr_rule.needs_dual_norm:  # shape-only rules: fail now, not at step 1
-                    try:
-                        rt.lr_rule.scale(p.shape, lmo=rt.lmo, step_family=rt.family, name=name)
-                    except ValueError as exc:
-                        raise ConfigError(f"groups.{gcfg.name}: parameter {name!r}: {exc}") from None
+                self._check_member(rt, gcfg, name, p)
             self._runtimes.append(rt)
             groups.append({
-                "params": [p for _, p in members], "names": [n for n, _ in members], "group": gcfg.name,
-                "lr": gcfg.lr, "weight_decay": gcfg.weight_decay, "momentum": gcfg.momentum.beta,
+                "params": [p for _, p in members], "param_names": [n for n, _ in members], "group": gcfg.name,
+                "lr": gcfg.lr, "weight_decay": gcfg.weight_decay,
+                "momentum": gcfg.momentum.beta if gcfg.momentum is not None else 0.0,
             })
-        if not groups and not fallback:
+        if not groups:
             raise ConfigError("build_optimizer got no trainable parameters")
-        self.fallback_names = [n for n, _ in fallback]
-        self.fallback: torch.optim.Optimizer | None = (
-            config.fallback.build([p for _, p in fallback]) if fallback else None
-        )
-        if groups:
-            super().__init__(groups, defaults={})
-        else:  # every parameter went to the fallback
-            super().__init__([{"params": [], "group": "_none"}], defaults={})
-            self.param_groups.clear()
-        self._n_main = len(self.param_groups)
+        first = groups[0]
+        super().__init__(groups, defaults={"lr": first["lr"], "weight_decay": first["weight_decay"],
+                                           "momentum": first["momentum"]})
         self.steps, self.skipped_steps, self._layout_checked = 0, 0, False
-        if self.fallback is not None:
-            for fg in self.fallback.param_groups:
-                fg.setdefault("group", "fallback")
-            self.param_groups.extend(self.fallback.param_groups)  # shared dicts: schedulers reach both
 
     @staticmethod
     def _check_param(name: str, p: Tensor) -> None:
@@ -129,24 +152,55 @@ class CommOptimizer(torch.optim.Optimizer):
         if not p.is_floating_point():
             raise ConfigError(f"parameter {name!r} has dtype {p.dtype}; commlmo optimizes floating-point tensors")
 
+    @staticmethod
+    def _check_member(rt: GroupRuntime, gcfg: Any, name: str, p: Tensor) -> None:
+        """Fail at build time, naming the parameter, for what would fail at step 1."""
+        try:
+            b, m, n = rt.block_shape(p)
+        except ValueError as exc:
+            raise ConfigError(f"groups.{gcfg.name}: parameter {name!r}: {exc}") from None
+        ndim = 2 if gcfg.view.kind != "matrix" else p.ndim
+        if rt.lmo is not None and not rt.lmo.capabilities.accepts(ndim):
+            raise ConfigError(
+                f"groups.{gcfg.name}: lmo {rt.lmo.kind!r} does not accept parameter {name!r} of shape "
+                f"{tuple(p.shape)} ({p.ndim}-D); narrow params.ndim or pick another lmo"
+            )
+        if not rt.lr_rule.needs_dual_norm:  # shape-only rules: fail now, not at step 1
+            try:
+                rt.lr_scale(p, name)
+            except ValueError as exc:
+                raise ConfigError(f"groups.{gcfg.name}: parameter {name!r}: {exc}") from None
+
     # ------------------------------------------------------------------ info
     @property
     def bytes(self):
         """Byte accounting of this rank: ``.step`` (last step) and ``.total``, per collective."""
         return self.comm.bytes
 
+    @property
+    def names(self) -> list[list[str]]:
+        """Parameter names per param group (torch's ``param_names``)."""
+        return [list(g["param_names"]) for g in self.param_groups]
+
     def routing(self) -> dict[str, list[str]]:
-        """Which parameter names each group (and the fallback) took."""
-        out = {g["group"]: list(g["names"]) for g in self.param_groups[: self._n_main]}
-        out["fallback"] = list(self.fallback_names)
-        return out
+        """Which parameter names each group took (the fallback group included when it took any)."""
+        return {g["group"]: list(g["param_names"]) for g in self.param_groups}
+
+    def describe_routing(self) -> str:
+        """Where each parameter went: per group its stages, then each tensor with its role and shape."""
+        lines = []
+        for rt, g in zip(self._runtimes, self.param_groups):
+            numel = sum(p.numel() for p in g["params"])
+            lines.append(f"{g['group']}: {describe_group(rt.config)}  transport={rt.transport}  "
+                         f"({len(g['params'])} tensors, {numel:,} entries)")
+            for n, p in zip(g["param_names"], g["params"]):
+                lines.append(f"    {n}  [{self._roles.get(n, '?')}]  {tuple(p.shape)}")
+        return "\n".join(lines)
 
     # ------------------------------------------------------------------ step
     def _entries(self) -> list[tuple[str, Tensor]]:
-        """Every parameter this optimizer updates, in a fixed order (main groups, then fallback)."""
-        out = [(n, p) for g in self.param_groups[: self._n_main] for n, p in zip(g["names"], g["params"])]
-        fallback = [p for g in self.param_groups[self._n_main:] for p in g["params"]]
-        return out + list(zip(self.fallback_names, fallback))
+        """Every parameter this optimizer updates, in a fixed order."""
+        return [(n, p) for g in self.param_groups for n, p in zip(g["param_names"], g["params"])]
 
     def _agree_on_gradients(self, entries: list[tuple[str, Tensor]]) -> bool:
         """One small collective: do all ranks have finite gradients, and which parameters have one?
@@ -159,9 +213,12 @@ class CommOptimizer(torch.optim.Optimizer):
                 raise ConfigError(f"parameter {name!r} has a sparse gradient; commlmo needs dense gradients")
             if p.grad is not None and p.grad.shape != p.shape:
                 raise ConfigError(f"parameter {name!r} of shape {tuple(p.shape)} has a gradient of shape {tuple(p.grad.shape)}")
-        nonfinite = any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for _, p in entries)
-        flags = torch.tensor([nonfinite] + [p.grad is not None for _, p in entries], dtype=torch.uint8,
-                             device=entries[0][1].device if entries else "cpu")
+        device = entries[0][1].device if entries else "cpu"
+        grads = [p.grad for _, p in entries if p.grad is not None]
+        nonfinite = (torch.stack([torch.isfinite(g).all() for g in grads]).all().logical_not()
+                     if grads else torch.zeros((), dtype=torch.bool, device=device))
+        present = torch.tensor([p.grad is not None for _, p in entries], dtype=torch.uint8, device=device)
+        flags = torch.cat([nonfinite.reshape(1).to(torch.uint8), present])
         self.comm.all_max_(flags, label="step_agreement")
         if flags[0]:
             return False
@@ -172,7 +229,7 @@ class CommOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
-        """One optimizer step on every rank: agree, aggregate, update.
+        """One optimizer step on every rank: agree, then each group's pipeline.
 
         Raises :class:`~commlmo.errors.NonFiniteGradientError` (policy ``raise``) or
         skips the step (policy ``skip``) when a gradient on any rank is NaN or Inf;
@@ -196,65 +253,76 @@ class CommOptimizer(torch.optim.Optimizer):
                 "(set nonfinite: skip to skip such steps)"
             )
         for rt, group in zip(self._runtimes, self.param_groups):
-            live = [(n, p) for n, p in zip(group["names"], group["params"]) if p.grad is not None]
+            live = [(n, p) for n, p in zip(group["param_names"], group["params"]) if p.grad is not None]
             if live:
                 params = [p for _, p in live]
                 rt.step(params, [p.grad for p in params], [self.state[p] for p in params], [n for n, _ in live],
-                        group=group, comm=self.comm)
-        fb = [p for g in self.param_groups[self._n_main:] for p in g["params"] if p.grad is not None]
-        if fb:
-            self._fallback_step(fb)
+                        group=group, comm=self.comm, step=self.steps)
         self.steps += 1
         if self.config.verify_every and self.steps % self.config.verify_every == 0:
             verify_parameters(entries, self.comm)
         return loss
 
-    def _fallback_step(self, params: list[Tensor]) -> None:
-        """AdamW (or the configured optimizer) on the mean gradient, as DDP would feed it."""
-        from .transport import sum_by_dtype
-
-        m = self.comm.world_size
-        if m > 1:
-            sums = sum_by_dtype([p.grad for p in params], self.comm, transport="owner", label="fallback")  # type: ignore[misc]
-            for p, total in zip(params, sums):
-                p.grad = total.div(m)
-        self.fallback.step()  # type: ignore[union-attr]
-
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict plus ``"commlmo"``: random generators, the fallback's state, step counts.
+        """torch's state dict plus ``"commlmo"``: random generators, step counts, and what it was saved under.
 
-        Momentum, EF21 estimators and the EF21-P exact model are per-parameter
-        state, saved as usual; together this resumes a run bitwise.
+        Momentum, EF21 estimators, the EF21-P exact model and every rule's moments
+        are per-parameter state, saved as usual; together this resumes a run bitwise.
         """
         sd = super().state_dict()
         sd["commlmo"] = {
             "generators": [rt.generators.state() for rt in self._runtimes],
-            "fallback": self.fallback.state_dict() if self.fallback is not None else None,
+            "groups": [g["group"] for g in self.param_groups],
             "world_size": self.comm.world_size,
+            "rank": self.comm.rank,
+            "config": _config_fingerprint(self.config),
+            "shapes": [[list(p.shape) for p in g["params"]] for g in self.param_groups],
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
         }
         return sd
 
+    def _refusal(self, extra: dict[str, Any]) -> str | None:
+        """Why a saved state does not fit this optimizer, or ``None``."""
+        groups = [g["group"] for g in self.param_groups]
+        if extra.get("groups", groups) != groups:
+            return f"it was saved with groups {extra.get('groups')}, this optimizer has {groups}"
+        if extra.get("config", _config_fingerprint(self.config)) != _config_fingerprint(self.config):
+            return "it was saved under a different optimizer config (fingerprints differ)"
+        shapes = [[list(p.shape) for p in g["params"]] for g in self.param_groups]
+        saved = extra.get("shapes", shapes)
+        if saved != shapes:
+            for gi, (a, b) in enumerate(zip(saved, shapes)):
+                if a != b:
+                    return (f"group {groups[gi]!r} was saved with parameter shapes {a[:4]}{'...' if len(a) > 4 else ''}, "
+                            f"this model has {b[:4]}{'...' if len(b) > 4 else ''}")
+            return "it was saved for a different model"
+        if len(extra.get("generators", ())) != len(self._runtimes):
+            return f"it has {len(extra.get('generators', ()))} commlmo groups, this optimizer has {len(self._runtimes)}"
+        return None
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved (same config and parameters)."""
+        """Restore what :meth:`state_dict` saved; refuse (changing nothing) a state of another config or model."""
         state_dict = dict(state_dict)
         extra = state_dict.pop("commlmo", None)
         if extra is None:
             raise ConfigError("this state_dict was not saved by a commlmo optimizer (no 'commlmo' entry)")
-        if len(extra["generators"]) != len(self._runtimes):
-            raise ConfigError(
-                f"state_dict has {len(extra['generators'])} commlmo groups, this optimizer has {len(self._runtimes)}"
-            )
-        super().load_state_dict(state_dict)
-        for rt, gs in zip(self._runtimes, extra["generators"]):
-            rt.generators.load(gs)
+        why = self._refusal(extra)
+        if why:
+            raise ConfigError(f"cannot load this optimizer state: {why}; nothing was changed")
+        before = (copy.copy(self.state), [dict(g) for g in self.param_groups])
+        try:
+            super().load_state_dict(state_dict)
+            for rt, gs in zip(self._runtimes, extra["generators"]):
+                rt.generators.load(gs)
+        except Exception as exc:
+            self.state = before[0]  # type: ignore[assignment]
+            for g, saved in zip(self.param_groups, before[1]):
+                g.clear()
+                g.update(saved)
+            raise ConfigError(f"cannot load this optimizer state: {type(exc).__name__}: {exc}; nothing was changed") from None
         self.steps, self.skipped_steps = extra.get("steps", 0), extra.get("skipped_steps", 0)
-        if self.fallback is not None:
-            self.fallback.load_state_dict(extra["fallback"])
-            del self.param_groups[self._n_main:]
-            self.param_groups.extend(self.fallback.param_groups)
 
 
 def build_optimizer(
@@ -275,4 +343,5 @@ def build_optimizer(
     """
     cfg = load_config(config)
     named = named_parameters_of(model_or_named_params)
-    return CommOptimizer(named, cfg, comm=make_communicator(process_group), adversary=adversary)
+    roles = parameter_roles(model_or_named_params) if isinstance(model_or_named_params, torch.nn.Module) else None
+    return CommOptimizer(named, cfg, comm=make_communicator(process_group), adversary=adversary, roles=roles)

@@ -42,6 +42,8 @@ __all__ = [
     "Compressor",
     "AggregatorCapabilities",
     "Aggregator",
+    "RuleCapabilities",
+    "Rule",
     "FAMILIES",
     "as_matrix",
 ]
@@ -52,6 +54,7 @@ FAMILIES: dict[str, str] = {
     "compressor": "commlmo.compressors",
     "aggregator": "commlmo.aggregators",
     "lr_rule": "commlmo.lr_rules",
+    "rule": "commlmo.rules",
 }
 
 
@@ -92,6 +95,23 @@ class Plugin:
     def kind(self) -> str:
         """The registered name (``config.kind``)."""
         return self.config.kind
+
+    @classmethod
+    def capabilities_of(cls, config: PluginConfig) -> Any:
+        """The capabilities a plugin with this (validated) config declares, without building it.
+
+        Plugins whose contract depends on their config override this classmethod (and
+        expose ``capabilities`` as a property that calls it); the default reads the
+        class attribute, or builds the plugin only if ``capabilities`` is a property.
+        """
+        caps = cls.__dict__.get("capabilities", None)
+        for klass in cls.__mro__:
+            if "capabilities" in klass.__dict__:
+                caps = klass.__dict__["capabilities"]
+                break
+        if isinstance(caps, property):
+            return cls(config).capabilities
+        return caps
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.config.model_dump().items() if k != "kind")
@@ -289,6 +309,31 @@ class Compressor(Plugin):
         """Variance parameter ``E||C(x)-x||^2 <= omega ||x||^2`` if unbiased, else ``None``."""
         return None
 
+    # -- the downlink stage -------------------------------------------------
+    # As a downlink, a compressor is a pipeline stage with its own state: it receives
+    # the server's step D and moves the parameter.  The default sends C(D) and every
+    # worker applies X <- X(1 - lr*wd) - lr*scale*C(D); EF21-P (``ef21p``) overrides
+    # both methods to compress the model instead.
+
+    def init_downlink_state(self, param: Tensor) -> dict[str, Tensor]:
+        """Per-parameter state of this compressor used as a downlink (in ``optimizer.state``)."""
+        return {}
+
+    def apply_downlink_(
+        self, param: Tensor, state: dict[str, Tensor], step: "Tensor | Encoded", *, lr: float, wd: float,
+        scale: float, generator: torch.Generator | None,
+    ) -> None:
+        r"""``X <- X (1 - lr*wd) - lr*scale*C(D)``, identically on every worker."""
+        if wd:
+            param.mul_(1 - lr * wd)
+        if self.kind != "identity":
+            dense = step.decode() if isinstance(step, Encoded) else step
+            step = Encoded(self.compress(dense, generator=generator), self)
+        if isinstance(step, Encoded):
+            step.add_to_(param, alpha=-lr * scale)
+        else:
+            param.add_(step.to(param.dtype), alpha=-lr * scale)
+
 
 # --------------------------------------------------------------------------- aggregators
 
@@ -299,40 +344,53 @@ class AggregatorCapabilities:
 
     ``requires``: compressor capabilities (names of ``CompressorCapabilities``
     fields) that must be true; ``stateful``: keeps per-parameter tensors in the
-    optimizer state; ``output_sign``: its result is +-1 per entry.
+    optimizer state; ``output_sign``: its result is +-1 per entry;
+    ``robust``: the attacks it claims to resist (checked by the aggregator kit),
+    e.g. ``("amplify",)`` for a vote, where one worker has one vote however loud.
     """
 
     requires: tuple[str, ...] = ()
     stateful: bool = False
     output_sign: bool = False
+    robust: tuple[str, ...] = ()
 
 
 class Aggregator(Plugin):
-    """Combines the workers' uplink messages into one aggregate, identical on every rank.
+    """Combines the workers' compressed uplink messages into one aggregate, identical on every rank.
 
-    ``aggregate`` receives, for each parameter of a group, the worker's vector
-    (momentum or its LMO direction), the parameter's aggregator state (tensors
-    created by :meth:`init_state`), the uplink compressor and the communicator
-    that carries the wire tensors.  It returns, per parameter, a dense tensor or
-    an :class:`Encoded` aggregate; either is identical on every rank and must be
-    treated as read-only by the caller.
+    The pipeline owns the uplink compression; an aggregator takes part in three places:
 
-    ``generators`` has ``.shared`` (same state on every rank: tie-breaks,
-    shared-seed compressors) and ``.local`` (this rank's own stream), and
-    ``generators.for_(compressor)`` picks the right one.  ``label`` prefixes the
+    1. :meth:`message` -- what a worker compresses for a vector ``v`` (``v`` itself for
+       ``mean`` and ``majority_vote``; ``v - g_i`` for EF21; ``v + e_i`` for error feedback);
+    2. :meth:`plan` -- once, when the optimizer is built: the transport that carries the
+       payloads (``owner``, ``allreduce``, ``allgather``, ``int8``...), from the uplink's
+       capabilities and the byte-cost model;
+    3. :meth:`aggregate` -- the payloads (already compressed by the pipeline) travel and
+       are combined; per parameter a dense tensor or an :class:`Encoded` aggregate,
+       identical on every rank and read-only for the caller.  State changes only after
+       the collectives succeeded.
+
+    ``codecs`` holds the uplink compressor of each parameter (the same object for a whole
+    group, except where a block view gives a tensor one scale per block).
+    ``generators`` has ``.shared`` (same state on every rank: tie-breaks, shared-seed
+    compressors) and ``.local`` (this rank's own stream).  ``label`` prefixes the
     byte-accounting entries of the collectives it calls.
     """
 
     family: ClassVar[str] = "aggregator"
     capabilities: ClassVar[AggregatorCapabilities] = AggregatorCapabilities()
 
-    def check_uplink(self, uplink: Compressor) -> str | None:
-        """``None`` if ``uplink`` fits, else a sentence saying why not."""
-        missing = [c for c in self.capabilities.requires if not getattr(uplink.capabilities, c)]
+    @classmethod
+    def check_uplink(cls, config: PluginConfig, uplink_kind: str, uplink: CompressorCapabilities) -> str | None:
+        """``None`` if an uplink with these capabilities fits this config, else a sentence saying why not.
+
+        A classmethod over declared capabilities: configs are validated without building plugins.
+        """
+        missing = [c for c in cls.capabilities_of(config).requires if not getattr(uplink, c)]
         if missing:
             return (
-                f"aggregator {self.kind!r} needs an uplink compressor that is {', '.join(missing)}; "
-                f"{uplink.kind!r} is not"
+                f"aggregator {config.kind!r} needs an uplink compressor that is {', '.join(missing)}; "
+                f"{uplink_kind!r} is not"
             )
         return None
 
@@ -340,15 +398,80 @@ class Aggregator(Plugin):
         """Per-parameter state tensors (stored in ``optimizer.state[param]``, so checkpointed)."""
         return {}
 
+    def message(self, v: Tensor, state: dict[str, Tensor]) -> Tensor:
+        """The tensor this worker compresses for vector ``v`` (never mutates the state)."""
+        return v
+
+    def plan(self, uplink: Compressor, *, world_size: int, payload_bytes: int, dense_entries: int) -> str:
+        """The transport for this group, decided once when the optimizer is built."""
+        return "allgather"
+
     def aggregate(
         self,
-        vectors: Sequence[Tensor],
+        payloads: Sequence[Payload],
+        messages: Sequence[Tensor],
         states: Sequence[dict[str, Tensor]],
         *,
-        uplink: Compressor,
+        codecs: Sequence[Compressor],
         comm: Any,
         generators: Any,
+        transport: str,
         label: str,
     ) -> list[Tensor | Encoded]:
-        """Compress, communicate and combine the workers' vectors; see the class docstring."""
+        """Communicate and combine this worker's ``payloads`` (of ``messages``); see the class docstring."""
         raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- element-wise rules
+
+
+@dataclass(frozen=True)
+class RuleCapabilities:
+    """What an element-wise update rule's step looks like.
+
+    ``step_family``: ``"sign"`` when every entry of the step is +-1 (Lion), else
+    ``"lmo"`` (what per-layer learning-rate rules read).
+    """
+
+    step_family: Literal["lmo", "sign"] = "lmo"
+
+
+class Rule(Plugin):
+    r"""A stateful element-wise update rule (AdamW, Distributed Lion, 1-bit Adam...).
+
+    A group with a ``rule`` runs, for each parameter ``X`` and worker ``i``::
+
+        V_i, worker_state' = rule.worker(G_i, state)          # the message each worker sends
+        A                  = aggregate(compress_up(V_1..V_M))  # or a float32 mean while not uplink_active
+        D, server_state'   = rule.server(A, state)            # every rank, identically
+        X <- X (1 - lr*wd) - lr * scale * compress_down(D)
+
+    Both methods work out of place and return the state entries to replace, which the
+    pipeline commits only once the step's collectives succeeded.  ``step`` counts the
+    optimizer steps taken before this one (0 at the first step).  Rules keep every
+    counter they need as tensors in the state, so ``state_dict`` round-trips them.
+    """
+
+    family: ClassVar[str] = "rule"
+    capabilities: ClassVar[RuleCapabilities] = RuleCapabilities()
+
+    def init_state(self, param: Tensor) -> dict[str, Tensor]:
+        """Per-parameter state tensors."""
+        return {}
+
+    def worker(
+        self, grad: Tensor, state: dict[str, Tensor], *, step: int, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(message, state updates)`` of this worker for its gradient ``grad``."""
+        return grad, {}
+
+    def uplink_active(self, step: int) -> bool:
+        """Whether this step's message travels through the group's uplink compressor and
+        aggregator (``False``: a float32 mean, e.g. 1-bit Adam's warm-up)."""
+        return True
+
+    def server(
+        self, aggregate: Tensor, state: dict[str, Tensor], *, step: int
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(step direction D, state updates)`` from the aggregate, the same on every rank."""
+        return aggregate, {}

@@ -105,26 +105,31 @@ def gather_payloads(payloads: Sequence[Payload], comm: Communicator, *, label: s
 
 def mean_of_payloads(
     payloads: Sequence[Payload],
-    codec: Compressor,
+    codecs: Compressor | Sequence[Compressor],
     comm: Communicator,
     *,
     transport: Transport,
     label: str,
 ) -> list[Tensor]:
-    """``(1/M) * sum_i decompress(P_i)`` for each parameter, identical on every rank."""
+    """``(1/M) * sum_i decompress(P_i)`` for each parameter, identical on every rank.
+
+    ``codecs`` is one compressor for every payload, or one per payload.
+    """
     m = comm.world_size
+    codec_of = list(codecs) if isinstance(codecs, Sequence) else [codecs] * len(payloads)
     if transport in ("owner", "allreduce"):
-        if not codec.capabilities.summable:
-            raise ValueError(f"transport {transport!r} sums wire tensors, but {codec.kind!r} payloads do not sum")
+        for codec in codec_of:
+            if not codec.capabilities.summable:
+                raise ValueError(f"transport {transport!r} sums wire tensors, but {codec.kind!r} payloads do not sum")
         summed = iter(sum_by_dtype([w for p in payloads for w in p.wire], comm, transport=transport, label=label))
         out = []
-        for p in payloads:
+        for p, codec in zip(payloads, codec_of):
             total = codec.decompress(Payload(tuple(next(summed) for _ in p.wire), p.ctx))
             out.append(total.div_(m) if m > 1 else total)
         return out
     gathered = gather_payloads(payloads, comm, label=label)
     out = []
-    for i in range(len(payloads)):
+    for i, codec in enumerate(codec_of):
         acc = codec.decompress(gathered[0][i]).clone()
         for r in range(1, m):
             acc += codec.decompress(gathered[r][i])

@@ -84,8 +84,10 @@ def test_measured_bytes_equal_the_transport_formulas(world):
     # float32 mean by the owner transport: 2(M-1)/M * 32 bits (on the padded length)
     assert _sent(b["muonserver"]["bytes"][0], "hidden/mean") == round(2 * (m - 1) / m * 4 * math.ceil(d / m) * m)
     assert _sent(b["muonserver_allreduce"]["bytes"][0], "hidden/mean") == round(2 * (m - 1) / m * 4 * d)
-    # the fallback (bias) is averaged densely and counted
-    assert _sent(b["signmuon"]["bytes"][0], "fallback") == round(2 * (m - 1) / m * 4 * math.ceil(7 / m) * m)
+    # the bias (7 entries) goes to the recipe's Distributed Lion group: one owner vote of one packed byte,
+    # padded to one 64-bit word per rank
+    assert _sent(b["signmuon"]["bytes"][0], "vector/majority_vote") == round(2 * (m - 1) / m * 8 * m)
+    assert _sent(b["signmuon"]["bytes"][0], "fallback") == 0
     # every rank accounts the same bytes
     for r in range(m):
         assert real[r]["signmuon"]["bytes"] == real[0]["signmuon"]["bytes"]

@@ -87,24 +87,24 @@ def test_state_dict_round_trip_resumes_exactly(preset):
         assert torch.equal(x, y), name
 
 
-def test_lr_scheduler_reaches_every_group_including_the_fallback():
+def test_lr_scheduler_reaches_every_group():
     model = mlp()
     opt = build_optimizer(model, "muon")
+    assert [g["group"] for g in opt.param_groups] == ["hidden", "head", "vector"]
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     _train(model, opt, batches(2), sched)
-    assert [g["lr"] for g in opt.param_groups] == [0.02 * 0.25, 1e-3 * 0.25]
-    assert opt.fallback.param_groups[0]["lr"] == 1e-3 * 0.25
+    assert [g["lr"] for g in opt.param_groups] == [0.02 * 0.25, 1e-3 * 0.25, 1e-3 * 0.25]
     # a scheduler is restored with the optimizer
     state = opt.state_dict()
     opt2 = build_optimizer(mlp(), "muon")
     opt2.load_state_dict(state)
-    assert [g["lr"] for g in opt2.param_groups] == [0.02 * 0.25, 1e-3 * 0.25]
-    assert opt2.fallback.param_groups[0] is opt2.param_groups[1]
+    assert [g["lr"] for g in opt2.param_groups] == [0.02 * 0.25, 1e-3 * 0.25, 1e-3 * 0.25]
 
 
 def test_closure_and_lr_zero_leaves_params():
     model = mlp()
-    opt = build_optimizer(model, {"preset": "muon", "groups": {"hidden": {"lr": 0.0}}, "fallback": {"lr": 0.0}})
+    zero = {"lr": 0.0}
+    opt = build_optimizer(model, {"preset": "muon", "groups": {"hidden": zero, "head": zero, "vector": zero}})
     before = [p.detach().clone() for p in model.parameters()]
     batch = batches(1)[0]
 
@@ -122,10 +122,10 @@ def test_closure_and_lr_zero_leaves_params():
 def test_named_params_and_plain_tensors():
     w = torch.nn.Parameter(torch.randn(6, 4))
     b = torch.nn.Parameter(torch.zeros(6))
-    opt = build_optimizer([w, b], "muonserver")
-    assert opt.routing() == {"hidden": ["params.0"], "fallback": ["params.1"]}
+    opt = build_optimizer([w, b], "muonserver")  # no module tree: roles by ndim (and a *bias name)
+    assert opt.routing() == {"hidden": ["params.0"], "vector": ["params.1"]}
     opt = build_optimizer([("w", w), ("b", b)], "muonserver")
-    assert opt.routing() == {"hidden": ["w"], "fallback": ["b"]}
+    assert opt.routing() == {"hidden": ["w"], "vector": ["b"]}
 
 
 def test_conv_kernels_are_routed_as_matrices():

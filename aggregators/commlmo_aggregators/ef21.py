@@ -8,9 +8,9 @@ Worker ``i`` keeps an estimate ``g_i`` of its vector ``v_i`` and sends only
 ``C`` must be contractive (``||C(x) - x||^2 <= (1 - alpha)||x||^2``); an unbiased
 compressor with variance ``omega`` is used as ``C / (1 + omega)``, which is
 contractive with ``alpha = 1 / (1 + omega)``.  EF21-Muon (Gruntkowska, Gaponov,
-Tovmasyan, Richtárik 2025) runs the layer-wise LMO on ``g`` at the server.
-The estimates are optimizer state (``ef21_local``, ``ef21_global``), so they are
-checkpointed with ``state_dict``.
+Tovmasyan, Richtárik 2025, arXiv 2510.00643) runs the layer-wise LMO on ``g`` at
+the server.  The estimates are optimizer state (``ef21_local``, ``ef21_global``),
+so they are checkpointed with ``state_dict``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from commlmo.transport import mean_of_payloads
 
 from .mean import pick_mean_transport, transport_problem
 
-__all__ = ["EF21", "EF21Config"]
+__all__ = ["EF21", "EF21Config", "damping"]
 
 
 class EF21Config(PluginConfig):
@@ -45,34 +45,36 @@ class EF21(Aggregator):
     Config = EF21Config
     capabilities = AggregatorCapabilities(stateful=True)
 
-    def check_uplink(self, uplink: Compressor) -> str | None:
-        caps = uplink.capabilities
-        if not (caps.contractive or caps.unbiased):
+    @classmethod
+    def check_uplink(cls, config, uplink_kind, uplink) -> str | None:
+        if not (uplink.contractive or uplink.unbiased):
             return (
-                f"aggregator 'ef21' needs a contractive (or unbiased) uplink compressor; {uplink.kind!r} "
+                f"aggregator 'ef21' needs a contractive (or unbiased) uplink compressor; {uplink_kind!r} "
                 "with this config is neither (e.g. use sign with scale: mean, topk, rankk or natural)"
             )
-        return transport_problem(self.config.transport, uplink)
+        return transport_problem(config.transport, uplink_kind, uplink)
 
     def init_state(self, param: Tensor) -> dict[str, Tensor]:
         return {"ef21_local": torch.zeros_like(param), "ef21_global": torch.zeros_like(param)}
 
-    def aggregate(self, vectors: Sequence[Tensor], states, *, uplink, comm, generators, label) -> list[Tensor]:
-        gen = generators.for_(uplink)
-        payloads = [uplink.compress(v - s["ef21_local"], generator=gen) for v, s in zip(vectors, states)]
-        transport = pick_mean_transport(
-            self.config.transport, uplink, world_size=comm.world_size, payload_bytes=sum(p.nbytes for p in payloads)
-        )
-        means = mean_of_payloads(payloads, uplink, comm, transport=transport, label=f"{label}/ef21")  # type: ignore[arg-type]
+    def message(self, v: Tensor, state: dict[str, Tensor]) -> Tensor:
+        return v - state["ef21_local"]
+
+    def plan(self, uplink: Compressor, *, world_size: int, payload_bytes: int, dense_entries: int) -> str:
+        return pick_mean_transport(self.config.transport, uplink.capabilities, uplink_kind=uplink.kind,
+                                   world_size=world_size, payload_bytes=payload_bytes)
+
+    def aggregate(self, payloads, messages, states, *, codecs, comm, generators, transport, label) -> list[Tensor]:
+        means = mean_of_payloads(payloads, codecs, comm, transport=transport, label=f"{label}/ef21")  # type: ignore[arg-type]
         # State changes only after the collectives succeeded.
-        for v, s, p, mean in zip(vectors, states, payloads, means):
-            damp = _damping(uplink, v.shape)
-            uplink.decompress_add_(s["ef21_local"], p, alpha=damp)
+        for s, p, codec, mean in zip(states, payloads, codecs, means):
+            damp = damping(codec, s["ef21_local"].shape)
+            codec.decompress_add_(s["ef21_local"], p, alpha=damp)
             s["ef21_global"].add_(mean, alpha=damp)
         return [s["ef21_global"] for s in states]
 
 
-def _damping(uplink: Compressor, shape: torch.Size) -> float:
+def damping(uplink: Compressor, shape: torch.Size) -> float:
     """1 for contractive compressors; ``1/(1+omega)`` turns an unbiased one into a contractive one."""
     if uplink.capabilities.contractive:
         return 1.0

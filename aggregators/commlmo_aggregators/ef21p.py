@@ -9,7 +9,10 @@ model ``W`` (the parameters gradients are taken at)::
 (Gruntkowska, Tyurin, Richtárik 2023, "EF21-P and Friends"; used as the downlink of
 EF21-Muon and of the SignMuon paper's EF21-MuonSign).  Here every rank runs
 the server role redundantly, so ``X`` lives in each rank's optimizer state
-(``ef21p_model``) and the compressed difference is applied identically on all.
+(``ef21p_model``, this stage's own state) and the compressed difference is applied
+identically on all.  It is an ordinary downlink stage: it overrides
+:meth:`~commlmo.plugin.Compressor.init_downlink_state` and
+:meth:`~commlmo.plugin.Compressor.apply_downlink_`.
 """
 
 from __future__ import annotations
@@ -52,7 +55,14 @@ class EF21P(Compressor):
 
     @property
     def capabilities(self) -> CompressorCapabilities:  # type: ignore[override]
-        caps = self.inner.capabilities
+        return type(self).capabilities_of(self.config)
+
+    @classmethod
+    def capabilities_of(cls, config) -> CompressorCapabilities:
+        inner = config.compressor
+        if not isinstance(inner, PluginConfig):
+            inner = registry.validate_plugin_config("compressor", inner)
+        caps = registry.get("compressor", inner.kind).capabilities_of(inner)
         return CompressorCapabilities(
             summable=False, fixed_size=caps.fixed_size, contractive=caps.contractive, unbiased=caps.unbiased,
             stochastic=caps.stochastic, downlink_only=True,
@@ -73,10 +83,10 @@ class EF21P(Compressor):
     def omega(self, shape):
         return self.inner.omega(shape)
 
-    def init_state(self, param: Tensor) -> dict[str, Tensor]:
+    def init_downlink_state(self, param: Tensor) -> dict[str, Tensor]:
         return {"ef21p_model": param.detach().clone()}
 
-    def step_model_(
+    def apply_downlink_(
         self, p: Tensor, state: dict, d: Tensor | Encoded, *, lr: float, wd: float, scale: float,
         generator: torch.Generator | None,
     ) -> None:

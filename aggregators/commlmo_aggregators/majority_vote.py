@@ -1,7 +1,8 @@
 r"""Majority vote: ``A = sign(sum_i sign(P_i))`` on packed 1-bit messages.
 
-signSGD with majority vote (Bernstein et al. 2018, 2019) and the SignMuon
-family (Smirnova, Kravatskiy, Kovalev) aggregate one-bit messages this way.
+signSGD with majority vote (Bernstein et al. 2018, 2019), Distributed Lion
+(Liu et al. 2024) and the SignMuon family (Smirnova, Kravatskiy, Kovalev)
+aggregate one-bit messages this way.
 
 Transports (bytes each rank sends per coordinate, ``M`` ranks):
 
@@ -13,9 +14,12 @@ Transports (bytes each rank sends per coordinate, ``M`` ranks):
 * ``allgather``: every rank gathers every packed message and votes on all of
   it: ``(M-1)`` bits.
 
-``auto`` takes the cheapest under the cost model (always ``owner``).  Ties of an
-even vote are broken by random bits from the generator every rank shares, the
-same bit for a coordinate under every transport, so transports agree bitwise.
+``auto`` takes the cheapest under the cost model (always ``owner``); the choice is
+made once, when the optimizer is built.  Ties of an even vote follow ``ties``:
+``random`` (the SignMuon code's default) takes a bit from the generator every rank
+shares -- the same bit for a coordinate under every transport, so transports agree
+bitwise; ``abstain`` makes a tied coordinate 0 (no step), which costs one more bit
+per coordinate on the way back (the tie mask travels with the result).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch
 from torch import Tensor
 
 from commlmo.errors import DistributedError
-from commlmo.plugin import Aggregator, AggregatorCapabilities, Encoded, Payload, PluginConfig
+from commlmo.plugin import Aggregator, AggregatorCapabilities, Compressor, Encoded, Payload, PluginConfig
 from commlmo.transport import cheapest
 
 from .vote import unpack_bits, vote_words
@@ -44,32 +48,41 @@ class MajorityVoteConfig(PluginConfig):
     transport: Literal["auto", "owner", "int8", "allgather"] = Field(
         "auto", description="How the votes travel: `owner` (all-to-all of packed shards, owner votes, all-gather), "
         "`int8` (sum all-reduce of +-1), `allgather`; `auto` takes the cheapest (owner).")
+    ties: Literal["random", "abstain"] = Field(
+        "random", description="A tied vote (even worker count): `random` shared bit, or `abstain` (0, no step).")
 
 
 class MajorityVote(Aggregator):
     """sign(sum of the workers' signs), voted on packed bits; 32x fewer bytes than float32 all-reduce."""
 
     Config = MajorityVoteConfig
-    capabilities = AggregatorCapabilities(requires=("sign_bits",), output_sign=True)
+    capabilities = AggregatorCapabilities(requires=("sign_bits",), output_sign=True, robust=("amplify",))
 
-    def _transport(self, m: int, nbytes: int, entries: int) -> str:
-        t = self.config.transport
+    def plan(self, uplink: Compressor, *, world_size: int, payload_bytes: int, dense_entries: int) -> str:
+        m, t = world_size, self.config.transport
         if t == "auto":
-            t = cheapest(["owner", "int8", "allgather"], payload_bytes=nbytes, dense_entries=entries, world_size=m)
+            t = cheapest(["owner", "int8", "allgather"], payload_bytes=payload_bytes, dense_entries=dense_entries,
+                         world_size=m)
         if t == "int8" and m > 127:
             raise DistributedError(
                 f"the int8 vote transport sums +-1 in int8, which wraps past 127 ranks; world size is {m}. "
                 "Use transport: owner (or auto)."
             )
+        if t == "int8" and self.config.ties == "abstain":
+            raise DistributedError("majority_vote: ties='abstain' is implemented by the owner and allgather "
+                                   "transports; use one of those, or ties: random")
         return t
 
-    def aggregate(self, vectors: Sequence[Tensor], states, *, uplink, comm, generators, label) -> list[Encoded]:
-        payloads = [uplink.compress(v, generator=generators.local) for v in vectors]
+    def aggregate(self, payloads: Sequence[Payload], messages, states, *, codecs, comm, generators, transport,
+                  label) -> list[Encoded]:
+        uplink = codecs[0]
         if any(len(p.wire) != 1 or p.wire[0].dtype != torch.uint8 for p in payloads):
             raise TypeError(f"majority vote needs one packed uint8 wire tensor per message; {uplink.kind!r} sent otherwise")
         sizes = [p.wire[0].numel() for p in payloads]
         packed = torch.cat([p.wire[0] for p in payloads])
         m = comm.world_size
+        ties: Tensor | None = None
+        abstain = self.config.ties == "abstain" and m % 2 == 0
         if m == 1:
             voted = packed
         else:
@@ -80,46 +93,74 @@ class MajorityVote(Aggregator):
             buf = torch.cat([packed, packed.new_zeros(padded_len - n)])
             tie = (
                 torch.randint(0, 256, (padded_len,), dtype=torch.uint8, generator=generators.shared, device=packed.device)
-                if m % 2 == 0 else None
+                if m % 2 == 0 and not abstain else None
             )
-            entries = sum(v.numel() for v in vectors)
-            transport = self._transport(m, n, entries)
             name = f"{label}/majority_vote"
+            found: list[Tensor] | None = [] if abstain else None
             if transport == "owner":
                 rows = comm.all_to_all(buf, label=name)
                 mine = tie.view(m, -1)[comm.rank] if tie is not None else None
-                shard = vote_words(rows.view(torch.int64), tie_bits=_words(mine))
-                voted = comm.all_gather(shard.view(torch.uint8), label=name).reshape(-1)[:n]
+                shard = vote_words(rows.view(torch.int64), tie_bits=_words(mine), ties_out=found)
+                if found:  # the tie mask travels back with the result: 2 bits per coordinate
+                    shard = torch.cat([shard, found[0]])
+                gathered = comm.all_gather(shard.view(torch.uint8), label=name)
+                if found:
+                    half = gathered.shape[1] // 2
+                    ties = gathered[:, half:].reshape(-1)[:n]
+                    gathered = gathered[:, :half]
+                voted = gathered.reshape(-1)[:n]
             elif transport == "allgather":  # whole 64-bit words suffice here
                 words = -(-n // 8) * 8
                 rows = comm.all_gather(buf[:words], label=name)
                 tie_words = _words(tie[:words]) if tie is not None else None
-                voted = vote_words(rows.view(torch.int64), tie_bits=tie_words).view(torch.uint8)[:n]
+                voted = vote_words(rows.view(torch.int64), tie_bits=tie_words, ties_out=found).view(torch.uint8)[:n]
+                if found:
+                    ties = found[0].view(torch.uint8)[:n]
             else:
-                voted = self._int8_vote(vectors, payloads, uplink, comm, tie, name)
+                voted = self._int8_vote(payloads, uplink, comm, tie, name)
         out, offset = [], 0
         for p, size in zip(payloads, sizes):
-            out.append(Encoded(Payload((voted[offset:offset + size],), p.ctx), uplink))
+            wire = (voted[offset:offset + size],)
+            if ties is None:
+                out.append(Encoded(Payload(wire, p.ctx), uplink))
+            else:
+                out.append(Encoded(Payload(wire + (ties[offset:offset + size],), p.ctx), _Abstaining(uplink)))
             offset += size
         return out
 
     @staticmethod
-    def _int8_vote(vectors, payloads, uplink, comm, tie: Tensor | None, label: str) -> Tensor:
+    def _int8_vote(payloads, uplink, comm, tie: Tensor | None, label: str) -> Tensor:
         """The SignMuon paper's one integer all-reduce: sum +-1 votes in int8, then repack."""
-        votes = [uplink.decompress(p).reshape(-1).to(torch.int8) for p in payloads]
+        dense = [uplink.decompress(p) for p in payloads]
+        votes = [d.reshape(-1).to(torch.int8) for d in dense]
         total = comm.all_reduce_sum_(torch.cat(votes), label=label)
         tie_bits = unpack_bits(tie) if tie is not None else None
         packed, offset, bit_offset = [], 0, 0
-        for v, p in zip(vectors, payloads):
-            s = total[offset:offset + v.numel()]
+        for d, p in zip(dense, payloads):
+            s = total[offset:offset + d.numel()]
             negative = s < 0
             if tie_bits is not None:
-                negative |= (s == 0) & tie_bits[bit_offset:bit_offset + v.numel()].bool()
-            signs = torch.where(negative, -1.0, 1.0).view(v.shape).to(v.dtype)
+                negative |= (s == 0) & tie_bits[bit_offset:bit_offset + d.numel()].bool()
+            signs = torch.where(negative, -1.0, 1.0).view(d.shape).to(d.dtype)
             packed.append(uplink.compress(signs).wire[0])
-            offset += v.numel()
+            offset += d.numel()
             bit_offset += p.wire[0].numel() * 8
         return torch.cat(packed)
+
+
+class _Abstaining:
+    """Decodes a vote whose tied coordinates abstain: sign bits in ``wire[0]``, tie mask in ``wire[1]``."""
+
+    def __init__(self, codec: Compressor):
+        self.codec, self.kind = codec, codec.kind
+
+    def decompress(self, payload: Payload) -> Tensor:
+        signs = self.codec.decompress(Payload(payload.wire[:1], payload.ctx))
+        tied = unpack_bits(payload.wire[1]).reshape(-1)[: signs.numel()].view(signs.shape).bool()
+        return signs.masked_fill_(tied, 0)
+
+    def decompress_add_(self, target: Tensor, payload: Payload, *, alpha: float = 1.0) -> Tensor:
+        return target.add_(self.decompress(payload).to(target.dtype), alpha=alpha)
 
 
 def _words(t: Tensor | None) -> Tensor | None:

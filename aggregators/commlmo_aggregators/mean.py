@@ -9,7 +9,7 @@ from pydantic import Field
 
 from torch import Tensor
 
-from commlmo.plugin import Aggregator, Compressor, PluginConfig
+from commlmo.plugin import Aggregator, Compressor, CompressorCapabilities, Payload, PluginConfig
 from commlmo.transport import cheapest, mean_of_payloads
 
 __all__ = ["Mean", "MeanConfig", "pick_mean_transport", "transport_problem"]
@@ -27,25 +27,28 @@ class MeanConfig(PluginConfig):
         "`auto`: the cheapest the uplink allows (owner for summable payloads).")
 
 
-def pick_mean_transport(transport: str, uplink: Compressor, *, world_size: int = 2, payload_bytes: int = 1) -> str:
-    """Resolve ``auto`` from the uplink's capabilities and the byte-cost model; refuse a
+def pick_mean_transport(
+    transport: str, uplink: CompressorCapabilities, *, uplink_kind: str = "uplink", world_size: int = 2,
+    payload_bytes: int = 1,
+) -> str:
+    """Resolve ``auto`` from the uplink's declared capabilities and the byte-cost model; refuse a
     sum of payloads that do not sum."""
-    summable = uplink.capabilities.summable
+    summable = uplink.summable
     if transport == "auto":
         options = ["owner", "allgather"] if summable else ["allgather"]
         return cheapest(options, payload_bytes=payload_bytes, dense_entries=0, world_size=world_size)  # type: ignore[arg-type]
     if transport in ("owner", "allreduce") and not summable:
         raise ValueError(
-            f"transport {transport!r} sums payloads on the wire, but {uplink.kind!r} payloads do not sum; "
+            f"transport {transport!r} sums payloads on the wire, but {uplink_kind!r} payloads do not sum; "
             "use transport: allgather (or auto)"
         )
     return transport
 
 
-def transport_problem(transport: str, uplink: Compressor) -> str | None:
-    """``None`` if ``transport`` can carry ``uplink``'s payloads, else why not (for ``check_uplink``)."""
+def transport_problem(transport: str, uplink_kind: str, uplink: CompressorCapabilities) -> str | None:
+    """``None`` if ``transport`` can carry the uplink's payloads, else why not (for ``check_uplink``)."""
     try:
-        pick_mean_transport(transport, uplink)
+        pick_mean_transport(transport, uplink, uplink_kind=uplink_kind)
     except ValueError as exc:
         return str(exc)
     return None
@@ -61,13 +64,14 @@ class Mean(Aggregator):
 
     Config = MeanConfig
 
-    def check_uplink(self, uplink: Compressor) -> str | None:
-        return transport_problem(self.config.transport, uplink)
+    @classmethod
+    def check_uplink(cls, config, uplink_kind, uplink) -> str | None:
+        return transport_problem(config.transport, uplink_kind, uplink)
 
-    def aggregate(self, vectors: Sequence[Tensor], states, *, uplink, comm, generators, label) -> list[Tensor]:
-        gen = generators.for_(uplink)
-        payloads = [uplink.compress(v, generator=gen) for v in vectors]
-        transport = pick_mean_transport(
-            self.config.transport, uplink, world_size=comm.world_size, payload_bytes=sum(p.nbytes for p in payloads)
-        )
-        return mean_of_payloads(payloads, uplink, comm, transport=transport, label=f"{label}/mean")  # type: ignore[arg-type]
+    def plan(self, uplink: Compressor, *, world_size: int, payload_bytes: int, dense_entries: int) -> str:
+        return pick_mean_transport(self.config.transport, uplink.capabilities, uplink_kind=uplink.kind,
+                                   world_size=world_size, payload_bytes=payload_bytes)
+
+    def aggregate(self, payloads: Sequence[Payload], messages, states, *, codecs, comm, generators, transport,
+                  label) -> list[Tensor]:
+        return mean_of_payloads(payloads, codecs, comm, transport=transport, label=f"{label}/mean")  # type: ignore[arg-type]

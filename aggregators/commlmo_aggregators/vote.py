@@ -27,11 +27,12 @@ def _counter(rows: Tensor) -> list[Tensor]:
     return planes
 
 
-def vote_words(rows: Tensor, *, tie_bits: Tensor | None = None) -> Tensor:
+def vote_words(rows: Tensor, *, tie_bits: Tensor | None = None, ties_out: list[Tensor] | None = None) -> Tensor:
     """Per bit: 1 where more than half of the ``M`` rows have a 1.
 
     ``rows``: ``(M, W)`` integer tensor.  Where exactly half have a 1 (even
-    ``M``) the bit is taken from ``tie_bits`` (required then).
+    ``M``) the bit is taken from ``tie_bits`` (required then, unless ``ties_out``
+    is given: then tied bits are 0 and the tie mask is appended to ``ties_out``).
     """
     m = rows.shape[0]
     if m == 1:
@@ -48,6 +49,9 @@ def vote_words(rows: Tensor, *, tie_bits: Tensor | None = None) -> Tensor:
             gt = gt | (eq & c)
             eq = eq & ~c
     if m % 2:
+        return gt
+    if ties_out is not None:
+        ties_out.append(eq)
         return gt
     if tie_bits is None:
         raise ValueError(f"a vote of {m} ranks can tie; tie_bits are required")

@@ -44,7 +44,11 @@ class RandK(LayoutCompressor):
 
     @property
     def capabilities(self) -> CompressorCapabilities:  # type: ignore[override]
-        scaled = self.config.scaled
+        return type(self).capabilities_of(self.config)
+
+    @classmethod
+    def capabilities_of(cls, config) -> CompressorCapabilities:
+        scaled = config.scaled
         return CompressorCapabilities(
             summable=True, fixed_size=True, unbiased=scaled, contractive=not scaled,
             stochastic=True, shared_randomness=True,

@@ -69,7 +69,11 @@ class RankK(LayoutCompressor):
 
     @property
     def capabilities(self) -> CompressorCapabilities:  # type: ignore[override]
-        c = self.config
+        return type(self).capabilities_of(self.config)
+
+    @classmethod
+    def capabilities_of(cls, config) -> CompressorCapabilities:
+        c = config
         power = c.method == "power"
         return CompressorCapabilities(
             fixed_size=True,

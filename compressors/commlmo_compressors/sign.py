@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from commlmo.plugin import CompressorCapabilities, Payload, PluginConfig
@@ -37,28 +37,36 @@ class SignCompressor(LayoutCompressor):
     straight from the packed bits.
     """
 
+    #: the config field a group's block view sets, so a fused weight gets one scale per block
+    scale_blocks_field = "blocks"
+
     class Config(PluginConfig):
         kind: Literal["sign"] = "sign"
         scale: Literal["none", "mean"] = "none"
         blocks: int = Field(1, ge=1, description="equal slices along dim 0, one scale each (scale='mean')")
         zero: Literal["random", "positive"] = "random"
 
-    def __init__(self, config=None, **fields):
-        super().__init__(config, **fields)
-        if self.config.blocks > 1 and self.config.scale == "none":
-            raise ValueError(
-                f"sign compressor: blocks={self.config.blocks} only applies to scale='mean' "
-                "(unscaled signs have no per-block state); drop blocks or set scale='mean'"
-            )
+        @model_validator(mode="after")
+        def _blocks_need_scales(self):
+            if self.blocks > 1 and self.scale == "none":
+                raise ValueError(
+                    f"sign compressor: blocks={self.blocks} only applies to scale='mean' "
+                    "(unscaled signs have no per-block state); drop blocks or set scale='mean'"
+                )
+            return self
 
     @property
     def capabilities(self) -> CompressorCapabilities:  # type: ignore[override]
-        scaled = self.config.scale == "mean"
+        return type(self).capabilities_of(self.config)
+
+    @classmethod
+    def capabilities_of(cls, config) -> CompressorCapabilities:
+        scaled = config.scale == "mean"
         return CompressorCapabilities(
             fixed_size=True,
             contractive=scaled,
             sign_bits=not scaled,
-            stochastic=self.config.zero == "random",
+            stochastic=config.zero == "random",
         )
 
     # ------------------------------------------------------------------ layout

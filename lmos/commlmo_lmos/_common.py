@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from commlmo.plugin import LMO
+
+#: a moment coefficient of an element-wise rule
+Beta = Annotated[float, Field(ge=0.0, lt=1.0, allow_inf_nan=False)]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -20,7 +26,7 @@ def check_ndim(lmo: LMO, g: Tensor) -> None:
         upper = "" if caps.max_ndim is None else f" and <= {caps.max_ndim}"
         raise ValueError(
             f"{lmo.kind!r} LMO takes tensors with ndim >= {caps.min_ndim}{upper}; got shape "
-            f"{tuple(g.shape)}. Route such parameters to another group or to the fallback optimizer."
+            f"{tuple(g.shape)}. Route such parameters to another group (for example one with an element-wise rule)."
         )
 
 
