@@ -145,6 +145,9 @@ class ParamMatch(_Model):
 class ViewConfig(_Model):
     """How the LMO and scaled compressors see a tensor of 2 or more dimensions.
 
+    * ``auto`` (default) -- what the module tree says (:func:`commlmo.routing.parameter_views`:
+      ``nn.MultiheadAttention``'s fused QKV, a model's ``commlmo_blocks``, 3-D+ tensors outside
+      convolutions as stacks), else ``matrix``;
     * ``matrix`` -- one matrix ``out x (in*kh*kw...)`` (a conv kernel);
     * ``stack`` -- the leading dimension indexes independent matrices: an MoE expert
       tensor ``[E, m, n]`` is ``E`` matrices (batched Newton--Schulz), not one;
@@ -153,7 +156,7 @@ class ViewConfig(_Model):
       matrices, each orthogonalised on its own, with one compressor scale per block.
     """
 
-    kind: Literal["matrix", "stack", "blocks"] = Field("matrix", description="`matrix`, `stack` or `blocks`.")
+    kind: Literal["auto", "matrix", "stack", "blocks"] = Field("auto", description="`auto`, `matrix`, `stack` or `blocks`.")
     blocks: int = Field(1, ge=1, description="For `blocks`: how many equal slices of dim 0.")
 
     @model_validator(mode="after")
@@ -168,6 +171,8 @@ class ViewConfig(_Model):
         """``(B, m, n)``: the tensor seen as ``B`` matrices of ``m x n``."""
         if len(shape) < 2:
             return 1, 1, int(torch.Size(shape).numel())
+        if self.kind == "auto":
+            return ViewConfig(kind="matrix").block_shape(shape)
         if self.kind == "stack":
             if len(shape) < 3:
                 raise ValueError(f"view 'stack' needs a tensor of 3 or more dimensions, got shape {tuple(shape)}")
@@ -409,7 +414,7 @@ def describe_group(g: GroupConfig) -> str:
     elif g.lmo is not None:
         step = f"{g.lmo.kind}@{g.lmo_at}"
     else:
-        step = "momentum" if g.momentum is not None else "gradient"
+        step = f"momentum({g.momentum.beta:g})" if g.momentum is not None else "gradient"
     up = g.uplink.kind + ("(scaled)" if getattr(g.uplink, "scale", "none") != "none" else "")
     return f"{step}  uplink={up}  aggregator={g.aggregator.kind}  downlink={g.downlink.kind}  lr={g.lr:g}"
 

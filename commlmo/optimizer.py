@@ -30,11 +30,11 @@ import torch
 from torch import Tensor
 
 from .comm import Communicator, make_communicator
-from .config import OptimizerConfig, describe_group, load_config
+from .config import OptimizerConfig, ViewConfig, describe_group, load_config
 from .errors import ConfigError, DistributedError, NonFiniteGradientError
 from .consistency import check_layout, verify_parameters
 from .pipeline import Adversary, GroupRuntime
-from .routing import parameter_roles, role_by_shape
+from .routing import parameter_roles, parameter_views, role_by_shape
 
 __all__ = ["CommOptimizer", "build_optimizer", "named_parameters_of"]
 
@@ -103,6 +103,7 @@ class CommOptimizer(torch.optim.Optimizer):
         comm: Communicator,
         adversary: Adversary | None = None,
         roles: dict[str, str] | None = None,
+        views: dict[str, dict] | None = None,
     ):
         self.config, self.comm = config, comm
         named = list(named_params)
@@ -125,9 +126,10 @@ class CommOptimizer(torch.optim.Optimizer):
         for i, (gcfg, members) in enumerate(zip(all_groups, routed)):
             if not members:
                 continue
-            rt = GroupRuntime.build(gcfg, index=i, seed=config.seed, rank=comm.rank, device=members[0][1].device,
-                                    params=[p for _, p in members], world_size=comm.world_size)
+            rt = GroupRuntime.build(gcfg, index=i, seed=config.seed, rank=comm.rank, device=members[0][1].device)
             rt.adversary = adversary
+            rt.views = {id(p): ViewConfig.model_validate(views[n]) for n, p in members if views and n in views}
+            rt.transport = rt.plan([p for _, p in members], world_size=comm.world_size)
             for name, p in members:
                 self._check_member(rt, gcfg, name, p)
             self._runtimes.append(rt)
@@ -159,7 +161,7 @@ class CommOptimizer(torch.optim.Optimizer):
             b, m, n = rt.block_shape(p)
         except ValueError as exc:
             raise ConfigError(f"groups.{gcfg.name}: parameter {name!r}: {exc}") from None
-        ndim = 2 if gcfg.view.kind != "matrix" else p.ndim
+        ndim = 2 if rt.view_of(p).kind != "matrix" else p.ndim
         if rt.lmo is not None and not rt.lmo.capabilities.accepts(ndim):
             raise ConfigError(
                 f"groups.{gcfg.name}: lmo {rt.lmo.kind!r} does not accept parameter {name!r} of shape "
@@ -194,7 +196,10 @@ class CommOptimizer(torch.optim.Optimizer):
             lines.append(f"{g['group']}: {describe_group(rt.config)}  transport={rt.transport}  "
                          f"({len(g['params'])} tensors, {numel:,} entries)")
             for n, p in zip(g["param_names"], g["params"]):
-                lines.append(f"    {n}  [{self._roles.get(n, '?')}]  {tuple(p.shape)}")
+                view = rt.view_of(p)
+                shown = "" if view.kind == "matrix" or p.ndim < 2 else (
+                    f"  view={view.kind}" + (f"({view.blocks})" if view.kind == "blocks" else ""))
+                lines.append(f"    {n}  [{self._roles.get(n, '?')}]  {tuple(p.shape)}{shown}")
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ step
@@ -343,5 +348,8 @@ def build_optimizer(
     """
     cfg = load_config(config)
     named = named_parameters_of(model_or_named_params)
-    roles = parameter_roles(model_or_named_params) if isinstance(model_or_named_params, torch.nn.Module) else None
-    return CommOptimizer(named, cfg, comm=make_communicator(process_group), adversary=adversary, roles=roles)
+    module = model_or_named_params if isinstance(model_or_named_params, torch.nn.Module) else None
+    roles = parameter_roles(module) if module is not None else None
+    views = parameter_views(module) if module is not None else None
+    return CommOptimizer(named, cfg, comm=make_communicator(process_group), adversary=adversary, roles=roles,
+                         views=views)

@@ -35,7 +35,7 @@ from torch import Tensor
 from . import registry
 from .comm import Communicator
 from .transport import mean_of_payloads
-from .config import GroupConfig, MomentumConfig
+from .config import GroupConfig, MomentumConfig, ViewConfig
 from .errors import AggregatorOutputError
 from .plugin import LMO, Aggregator, Compressor, Encoded, LRRule, Payload, Rule
 
@@ -121,7 +121,7 @@ def step_family(lmo: LMO | None, lmo_at: str, aggregator: Aggregator, downlink: 
 
 
 def block_directions(lmo: LMO, vectors: Sequence[Tensor], shapes: Sequence[tuple[int, int, int]],
-                     *, view: str, generator: torch.Generator | None) -> list[Tensor]:
+                     *, views: Sequence[str], generator: torch.Generator | None) -> list[Tensor]:
     """The LMO of each vector seen through the group's view: ``B`` matrices of ``m x n`` each.
 
     With the ``matrix`` view the LMO gets the tensor itself (it views conv kernels as
@@ -129,13 +129,20 @@ def block_directions(lmo: LMO, vectors: Sequence[Tensor], shapes: Sequence[tuple
     all tensors go to one :meth:`~commlmo.plugin.LMO.directions` call (batched where the
     LMO batches equal shapes).
     """
-    if view == "matrix" or not lmo.capabilities.accepts(2) or lmo.capabilities.elementwise:
+    if all(v == "matrix" for v in views) or not lmo.capabilities.accepts(2) or lmo.capabilities.elementwise:
         return lmo.directions(list(vectors), generator=generator)
     pieces: list[Tensor] = []
-    for v, (b, m, n) in zip(vectors, shapes):
-        pieces.extend(v.reshape(b, m, n).unbind(0))
+    counts: list[int] = []
+    for v, (b, m, n), view in zip(vectors, shapes, views):
+        if view == "matrix":
+            pieces.append(v)
+            counts.append(0)
+        else:
+            pieces.extend(v.reshape(b, m, n).unbind(0))
+            counts.append(b)
     out = iter(lmo.directions(pieces, generator=generator))
-    return [torch.stack([next(out) for _ in range(b)]).reshape(v.shape) for v, (b, _, _) in zip(vectors, shapes)]
+    return [next(out) if b == 0 else torch.stack([next(out) for _ in range(b)]).reshape(v.shape)
+            for v, b in zip(vectors, counts)]
 
 
 @dataclass
@@ -154,6 +161,7 @@ class GroupRuntime:
     generators: Generators
     transport: str = "allgather"
     adversary: Adversary | None = None
+    views: dict = field(default_factory=dict)  # id(param) -> ViewConfig, for the group view "auto"
     _codecs: dict = field(default_factory=dict)
 
     @classmethod
@@ -176,14 +184,21 @@ class GroupRuntime:
         return rt
 
     # ------------------------------------------------------------------ plan
+    def view_of(self, p: Tensor):
+        """The view of ``p``: the group's, or (``auto``) the one the module tree gave it."""
+        view = self.config.view
+        if view.kind == "auto":
+            return self.views.get(id(p), _MATRIX)
+        return view
+
     def block_shape(self, p: Tensor) -> tuple[int, int, int]:
-        """``(B, m, n)`` of ``p`` under the group's view."""
-        return self.config.view.block_shape(p.shape)
+        """``(B, m, n)`` of ``p`` under its view."""
+        return self.view_of(p).block_shape(p.shape)
 
     def codec(self, p: Tensor, base: Compressor | None = None) -> Compressor:
         """The compressor for ``p``: ``base`` itself, or a copy with one scale per block of the view."""
         base = base or self.uplink
-        blocks = self.block_shape(p)[0] if self.config.view.kind != "matrix" else 1
+        blocks = self.block_shape(p)[0] if self.view_of(p).kind != "matrix" else 1
         field_name = getattr(type(base), "scale_blocks_field", None)
         if blocks == 1 or field_name is None or getattr(base.config, "scale", "none") == "none" \
                 or getattr(base.config, field_name) != 1:
@@ -207,7 +222,7 @@ class GroupRuntime:
 
     def lr_scale(self, p: Tensor, name: str, dual: float | None = None) -> float:
         """The learning-rate multiplier of ``p`` (read on the block shape for stack/blocks views)."""
-        shape = p.shape if self.config.view.kind == "matrix" else torch.Size(self.block_shape(p)[1:])
+        shape = p.shape if self.view_of(p).kind == "matrix" else torch.Size(self.block_shape(p)[1:])
         return self.lr_rule.scale(shape, lmo=self.lmo, step_family=self.family, dual_norm=dual, name=name)
 
     def init_state(self, p: Tensor, state: dict) -> None:
@@ -237,6 +252,7 @@ class GroupRuntime:
         for p, s in zip(params, states):
             self.init_state(p, s)
         shapes = [self.block_shape(p) for p in params]
+        views = [self.view_of(p).kind for p in params]
         pending: list[dict[str, Tensor]] = [{} for _ in params]
 
         # 1. worker
@@ -256,7 +272,7 @@ class GroupRuntime:
         else:
             vectors = list(grads)
         if cfg.lmo_at == "worker":
-            vectors = block_directions(self.lmo, vectors, shapes, view=cfg.view.kind,  # type: ignore[arg-type]
+            vectors = block_directions(self.lmo, vectors, shapes, views=views,  # type: ignore[arg-type]
                                        generator=self.generators.local)
         if self.adversary is not None:
             vectors = [corrupt(v, self.adversary, generator=self.generators.local) for v in vectors]
@@ -280,7 +296,7 @@ class GroupRuntime:
         dual_norms: list[float | None] = [None] * len(params)
         if cfg.lmo_at == "server":
             dense = [a.decode() if isinstance(a, Encoded) else a for a in aggregates]
-            aggregates = block_directions(self.lmo, dense, shapes, view=cfg.view.kind,  # type: ignore[arg-type]
+            aggregates = block_directions(self.lmo, dense, shapes, views=views,  # type: ignore[arg-type]
                                           generator=self.generators.shared)
             if self.lr_rule.needs_dual_norm:
                 # <A, LMO direction of A> is the dual norm (exactly so for exact LMOs), at the cost of
@@ -338,6 +354,7 @@ class GroupRuntime:
 
 
 _IDENTITY: list[Compressor] = []
+_MATRIX = ViewConfig(kind="matrix")
 
 
 def _identity() -> Compressor:

@@ -25,6 +25,16 @@ Without a module (a list of tensors or of ``(name, tensor)`` pairs) roles fall
 back to the number of dimensions: ``hidden`` for 2-D and more, ``vector`` (or
 ``bias`` by name) below.  A module can override any role with a
 ``commlmo_roles`` attribute mapping parameter names to roles.
+
+:func:`parameter_views` reads, the same way, how a matrix LMO should see each
+tensor (used by groups whose ``view`` is ``auto``, the default):
+
+* ``nn.MultiheadAttention.in_proj_weight`` is a fused ``[3E, E]`` QKV weight: 3 blocks;
+* a tensor of 3 or more dimensions outside a convolution (an MoE expert stack
+  ``[E, m, n]``) is a stack of independent matrices;
+* a model's ``commlmo_blocks`` attribute, ``{name glob: B}``, declares fused weights
+  of its own (the GPT task's ``c_attn``: 3; a merged qkvo weight: 4);
+* everything else (conv kernels included, viewed ``out x in*kh*kw``) is one matrix.
 """
 
 from __future__ import annotations
@@ -34,7 +44,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Role", "ROLES", "parameter_roles", "role_by_shape", "describe_routing"]
+__all__ = ["Role", "ROLES", "parameter_roles", "parameter_views", "role_by_shape", "describe_routing"]
 
 Role = Literal["hidden", "embedding", "head", "norm", "bias", "vector"]
 ROLES: tuple[str, ...] = ("hidden", "embedding", "head", "norm", "bias", "vector")
@@ -79,6 +89,32 @@ def parameter_roles(model: nn.Module) -> dict[str, str]:
         if role not in ROLES:
             raise ValueError(f"commlmo_roles[{name!r}] = {role!r}: roles are {', '.join(ROLES)}")
         out[name] = role
+    return out
+
+
+_CONVS = (nn.modules.conv._ConvNd,)
+
+
+def parameter_views(model: nn.Module) -> dict[str, dict]:
+    """``{name: {"kind": "blocks", "blocks": B} | {"kind": "stack"}}`` for the tensors that are not one matrix."""
+    import fnmatch
+
+    conv_params: set[int] = set()
+    by_id: dict[int, dict] = {}
+    for module in model.modules():
+        if isinstance(module, _CONVS):
+            conv_params.update(id(p) for p in module.parameters(recurse=False))
+        if isinstance(module, nn.MultiheadAttention) and getattr(module, "in_proj_weight", None) is not None:
+            by_id[id(module.in_proj_weight)] = {"kind": "blocks", "blocks": 3}
+    declared = getattr(model, "commlmo_blocks", {}) or {}
+    out: dict[str, dict] = {}
+    for name, p in model.named_parameters():
+        view = next(({"kind": "blocks", "blocks": int(b)} for pat, b in declared.items()
+                     if fnmatch.fnmatchcase(name, pat)), None) or by_id.get(id(p))
+        if view is None and p.ndim >= 3 and id(p) not in conv_params:
+            view = {"kind": "stack"}
+        if view is not None:
+            out[name] = view
     return out
 
 

@@ -34,6 +34,17 @@ CONFIGS |= {
     "signmuon_allgather": {"preset": "signmuon", "groups": {"hidden": {
         "aggregator": {"kind": "majority_vote", "transport": "allgather"}}}},
     "muonserver_allreduce": {"preset": "muonserver", "groups": {"hidden": {"aggregator": {"kind": "mean", "transport": "allreduce"}}}},
+    "signmuon_abstain": {"preset": "signmuon", "groups": {"hidden": {"aggregator": {"kind": "majority_vote", "ties": "abstain"}}}},
+    # every parameter through one element-wise rule
+    "lion_vote": {"groups": [{"name": "all", "params": {"ndim": None}, "rule": {"kind": "lion"},
+                              "uplink": {"kind": "sign"}, "aggregator": {"kind": "majority_vote"}}]},
+    "lion_mean": {"groups": [{"name": "all", "params": {"ndim": None}, "rule": {"kind": "lion"}}]},
+    "adamw_mean": {"groups": [{"name": "all", "params": {"ndim": None}, "rule": {"kind": "adamw"}, "lr": 1e-2}]},
+    "onebit_adam": {"groups": [{"name": "all", "params": {"ndim": None}, "rule": {"kind": "onebit_adam", "warmup": 1},
+                                "uplink": {"kind": "sign", "scale": "mean"}, "aggregator": {"kind": "error_feedback"}}]},
+    # a conv kernel [5, 3, 3, 3] seen as a stack of 5 matrices 3 x 9, with one EF21 sign scale each
+    "ef21_stack_view": {"groups": [{"name": "conv", "params": {"ndim": [4]}, "view": {"kind": "stack"},
+                                    "uplink": {"kind": "sign", "scale": "mean"}, "aggregator": {"kind": "ef21"}}]},
 }
 
 

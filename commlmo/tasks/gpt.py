@@ -261,6 +261,8 @@ class GPT(nn.Module):
         if width % heads:
             raise ConfigError(f"task.width = {width} must be divisible by task.heads = {heads}")
         self.block = block
+        if fused_qkv:  # c_attn is q, k and v stacked along dim 0: a matrix LMO sees 3 matrices
+            self.commlmo_blocks = {"h.*.attn.c_attn.weight": 3}
         self.wte = nn.Embedding(vocab, width)
         self.wpe = nn.Embedding(block, width)
         self.h = nn.ModuleList(Block(width, heads, fused_qkv=fused_qkv, bias=bias) for _ in range(layers))
