@@ -1,11 +1,15 @@
 r"""Generate the reference parts of the documentation site from the code they document.
 
-    python scripts/gen_docs.py        # writes docs/_generated/ (git-ignored), then
-    python -m mkdocs build --strict   # or both at once: bash scripts/docs.sh
+The site's hook ``docs/hooks/generated.py`` runs this script when ``mkdocs build``
+(or ``mkdocs serve``) starts, into a temporary directory that it puts first in
+pymdownx.snippets' ``base_path``; nothing generated is ever written under ``docs/``
+or committed.  To look at the fragments themselves:
 
-The hand-written pages under ``docs/`` include these fragments with
-``--8<-- "name.md"`` (pymdownx.snippets, ``check_paths`` on, so a fragment that
-is not generated fails the build).  Every table comes from the code:
+    python scripts/gen_docs.py [DIR]   # writes them to DIR (default: build/docs-fragments)
+
+The hand-written pages under ``docs/`` include them with ``--8<-- "name.md"``
+(``check_paths`` on, so a fragment that is not generated fails the build).
+Every table comes from the code:
 
 * plugin pages: each built-in plugin's docstring, its declared capabilities, the
   contract its methods report on an example tensor (bits per entry, alpha, omega)
@@ -14,17 +18,17 @@ is not generated fails the build).  Every table comes from the code:
   ``commlmo.load_config``;
 * config reference: ``commlmo.config_json_schema()``, and the run config of
   ``commlmo train`` from its pydantic models;
-* CLI reference: ``commlmo.cli.build_parser()``;
+* CLI reference: ``commlmo.cli.build_parser()``, the table of commands included;
 * the ``commlmo plugins`` output with the example distributions under ``plugins/``
   really installed (``pip install --target``, into a temporary directory).
 
-A plugin (or anything else) that fails to load is shown as unavailable, with
-its error, and listed on stderr; the build goes on.
+Whole pages are generated too (:func:`pages`): one API page per module of
+``API_MODULES``, and a placeholder for each benchmark in ``BENCHMARKS`` whose
+table has not been recorded under ``docs/benchmarks/`` yet, so the nav never
+points at nothing.
 
-This file is also an mkdocs hook (``hooks:`` in mkdocs.yml): ``on_config`` stops
-the build with the fix when the fragments were never generated, and ``on_files``
-adds a placeholder page for each benchmark in ``BENCHMARKS`` whose table has not
-been recorded under ``docs/benchmarks/`` yet, so the nav never points at nothing.
+A plugin (or anything else) that fails to load is shown as unavailable, with
+its error, and listed in the build log; the build goes on.
 """
 
 from __future__ import annotations
@@ -44,14 +48,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "scripts") not in sys.path:  # for docs_markdown, when mkdocs loads this file as a hook
+if str(ROOT / "scripts") not in sys.path:  # for docs_markdown, when the docs hook imports this file
     sys.path.insert(0, str(ROOT / "scripts"))
 
 from docs_markdown import (  # noqa: E402
     cell, code, docstring_parts, field_comments, fields_table, flow, fmt_number, rst_to_markdown, table,
 )
 
-OUT = ROOT / "docs" / "_generated"
 #: the example every compressor's contract is measured on
 EXAMPLE_SHAPE = (1024, 1024)
 #: the config a plugin is shown with when its Config has required fields
@@ -254,6 +257,18 @@ def gen_plugins(out: Path) -> None:
     (out / "plugins/compatibility.md").write_text(compatibility(registry))
 
 
+def _refusal(cls: type, uplink: Any) -> str | None:
+    """What ``cls.check_uplink`` says of ``uplink``, for the aggregator's default config.
+
+    ``check_uplink(config, uplink_kind, capabilities)`` is a classmethod over declared
+    capabilities (what config validation calls); the older form, ``check_uplink(uplink)``,
+    is an instance method that takes the compressor."""
+    params = inspect.signature(cls.check_uplink).parameters
+    if len(params) >= 3:
+        return cls.check_uplink(cls.Config(), uplink.kind, uplink.capabilities)
+    return cls().check_uplink(uplink)
+
+
 def compatibility(registry: Any) -> str:
     """Which uplink compressor each built-in aggregator accepts (``Aggregator.check_uplink``)."""
     uplinks = ["identity", "sign", {"kind": "sign", "scale": "mean"}, "topk", "randk", "rankk", "natural", "chain"]
@@ -269,7 +284,12 @@ def compatibility(registry: Any) -> str:
             continue
         row = [f"`{flow(cfg)}`"]
         for name, cls in aggs:
-            why = cls().check_uplink(comp)
+            try:
+                why = _refusal(cls, comp)
+            except Exception as exc:
+                row.append("?")
+                _problem(f"aggregator {name} check_uplink({flow(cfg)})", exc)
+                continue
             row.append("✓" if why is None else "✗")
             if why:
                 reasons.setdefault(name, why)
@@ -410,6 +430,15 @@ def gen_run_config(out: Path) -> None:
 
 # --------------------------------------------------------------------------- CLI reference
 
+#: command -> where the site says more about it (links from docs/reference/cli.md)
+CLI_SEE_ALSO = {
+    "plugins": "[Plugins](../plugins/index.md)",
+    "presets": "[Presets](../presets.md)",
+    "schema": "[Config reference](config.md)",
+    "train": "[Training](../training.md), [run config](config.md#the-run-config-of-commlmo-train)",
+    "compare": "[Training](../training.md)",
+}
+
 
 def gen_cli(out: Path) -> None:
     os.environ["COLUMNS"] = "100"  # argparse wraps help text at the terminal's width
@@ -419,8 +448,11 @@ def gen_cli(out: Path) -> None:
         parser = build_parser()
     except Exception as exc:
         (out / "cli.md").write_text(f"!!! failure \"The CLI cannot be built\"\n    {cell(_problem('cli', exc))}\n")
+        (out / "cli-commands.md").write_text("")
         return
     parts = [f"## `commlmo` {{ #commlmo }}\n\n```text\n$ commlmo --help\n{parser.format_help()}```\n\n"]
+    commands: list[list[str]] = []  # the rows of the table of commands
+    named: list[list[str]] = []  # each command's words after "commlmo"
 
     def walk(p: argparse.ArgumentParser, words: list[str]) -> None:
         for action in p._actions:
@@ -430,12 +462,20 @@ def gen_cli(out: Path) -> None:
             for name, sub in action.choices.items():
                 cmd = words + [name]
                 anchor = "-".join(cmd)
-                parts.append(f"## `{' '.join(cmd)}` {{ #{anchor} }}\n\n{(helps.get(name) or '').capitalize()}.\n\n"
+                what = helps.get(name) or ""
+                what = what[:1].upper() + what[1:]  # not str.capitalize(), which lowers "JSON" and "N"
+                parts.append(f"## `{' '.join(cmd)}` {{ #{anchor} }}\n\n{what}.\n\n"
                              f"```text\n$ {' '.join(cmd)} --help\n{sub.format_help()}```\n\n")
+                see = CLI_SEE_ALSO.get(" ".join(cmd[1:]))
+                commands.append([f"[`{' '.join(cmd)}`](#{anchor})", what + (f" ({see})" if see else "")])
+                named.append(cmd[1:])
                 walk(sub, cmd)
 
     walk(parser, ["commlmo"])
     (out / "cli.md").write_text("".join(parts))
+    (out / "cli-commands.md").write_text(table(["command", "what for"], commands))
+    for extra in sorted(set(CLI_SEE_ALSO) - {" ".join(c) for c in named}):
+        _problem("cli", f"CLI_SEE_ALSO names {extra!r}, which is not a command")
 
 
 # --------------------------------------------------------------------------- writing a plugin
@@ -505,37 +545,30 @@ def gen_benchmarks(out: Path) -> None:
     (out / "benchmarks.md").write_text(table(["benchmark", "what it measures", "command", "recorded"], rows))
 
 
-# --------------------------------------------------------------------------- mkdocs hook
+# --------------------------------------------------------------------------- whole pages
 
-DONE = "Generated by scripts/gen_docs.py; do not edit, do not commit.\n"
-
-
-def on_config(config: Any) -> Any:
-    """Stop with the fix, rather than a snippet traceback, when the fragments were never generated."""
-    if not (OUT / "README.md").is_file():
-        from mkdocs.exceptions import PluginError
-
-        raise PluginError(f"{OUT.relative_to(ROOT)}/ is missing or incomplete: run `python scripts/gen_docs.py` "
-                          "before mkdocs, or build with `bash scripts/docs.sh`")
-    return config
+#: modules with a page of their own under reference/api/ (besides ``commlmo``, on reference/api/index.md)
+API_MODULES = ["commlmo.plugin", "commlmo.registry", "commlmo.config", "commlmo.comm", "commlmo.transport",
+               "commlmo.testing"]
 
 
-def on_files(files: Any, config: Any) -> Any:
-    """Placeholder pages for benchmarks whose tables are not recorded yet (never written to disk)."""
-    from mkdocs.structure.files import File
+def api_page(module: str) -> str:
+    """``reference/api/<name>.md``: the module's docstring and members, rendered by mkdocstrings."""
+    return f"# `{module}`\n\n::: {module}\n    options:\n      show_root_heading: false\n"
 
-    for b in BENCHMARKS:
-        uri = f"benchmarks/{b.page}"
-        if files.get_file_from_path(uri) is None:
-            files.append(File.generated(config, uri, content=placeholder(b)))
-    return files
+
+def pages() -> dict[str, str]:
+    """``{uri: markdown}`` of the pages the build adds where ``docs/`` has none: the API
+    pages, and placeholders for the benchmarks (a recorded table replaces its placeholder)."""
+    found = {f"reference/api/{m.rsplit('.', 1)[-1]}.md": api_page(m) for m in API_MODULES}
+    return found | {f"benchmarks/{b.page}": placeholder(b) for b in BENCHMARKS}
 
 
 # --------------------------------------------------------------------------- main
 
 
-def generate(out: Path = OUT) -> list[str]:
-    """Write every fragment under ``out``; return what could not be generated."""
+def generate(out: Path) -> list[str]:
+    """Write every fragment under ``out`` (emptied first); return what could not be generated."""
     problems.clear()
     if out.exists():
         shutil.rmtree(out)
@@ -544,14 +577,16 @@ def generate(out: Path = OUT) -> list[str]:
     for step in (gen_plugins, gen_presets, gen_config_reference, gen_run_config, gen_cli, gen_plugin_author,
                  gen_benchmarks):
         step(out)
-    (out / "README.md").write_text(DONE)  # last: the hook's sign that generation finished
     return list(problems)
 
 
-def main() -> int:
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
-    found = generate(OUT)
-    print(f"gen_docs: wrote {sum(1 for _ in OUT.rglob('*.md'))} fragments to {OUT.relative_to(ROOT)}", file=sys.stderr)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", nargs="?", type=Path, default=ROOT / "build" / "docs-fragments",
+                        help="directory to write the fragments to (emptied first)")
+    out = parser.parse_args(argv).out.resolve()
+    found = generate(out)
+    print(f"gen_docs: wrote {sum(1 for _ in out.rglob('*.md'))} fragments to {out}", file=sys.stderr)
     if found:
         print(f"gen_docs: {len(found)} item(s) shown as unavailable:", file=sys.stderr)
         for p in found:

@@ -1,4 +1,5 @@
-// MathJax for pymdownx.arithmatex (generic mode), re-run on every instant-navigation page load.
+// MathJax for pymdownx.arithmatex (generic mode). MathJax itself ships with the site
+// (assets/mathjax/, copied by docs/hooks/offline.py), so pages render their math offline.
 window.MathJax = {
   tex: {
     inlineMath: [["\\(", "\\)"]],
@@ -12,9 +13,15 @@ window.MathJax = {
   },
 };
 
+// The theme's document$ emits on every page load (each one, with instant navigation).
+// MathJax's startup typesets the first page; later pages are typeset once it is ready.
+// No output.clearCache(): it drops the CHTML glyph styles, and the math turns invisible.
 document$.subscribe(() => {
-  MathJax.startup.output.clearCache();
-  MathJax.typesetClear();
-  MathJax.texReset();
-  MathJax.typesetPromise();
+  const startup = window.MathJax.startup;
+  if (!startup || !startup.promise) return;  // not loaded yet: its startup will typeset this page
+  startup.promise = startup.promise.then(() => {
+    MathJax.typesetClear();
+    MathJax.texReset();
+    return MathJax.typesetPromise();
+  });
 });
