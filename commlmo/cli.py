@@ -1,6 +1,6 @@
 """The ``commlmo`` command line.
 
-    commlmo plugins                  every plugin family, name, distribution and summary
+    commlmo plugins [--check]        every plugin family, name, distribution (and summary)
     commlmo presets                  the paper methods and their rows
     commlmo schema                   JSON schema of a full config, from the installed plugins
     commlmo validate CONFIG          check a config and print it resolved
@@ -22,12 +22,30 @@ __all__ = ["main"]
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
+    """List plugins from entry-point metadata; no third-party module is imported into this process.
+
+    Built-ins show their summary; a third-party plugin shows ``not imported``
+    unless ``--check`` probes its distribution in a subprocess (with the import
+    timeout of :mod:`commlmo.registry`), which gives its summary or BROKEN.
+    """
     rows = []
-    for info, cls, err in registry.plugins(args.family):
-        summary = cls.summary() if cls is not None else f"BROKEN: {err}"
-        rows.append((info.family, info.name, f"{info.distribution} {info.version}".strip(), summary))
+    for row in registry.listing(args.family, check=args.check):
+        info = row.info
+        if row.status == "broken":
+            summary = f"BROKEN: {row.error}"
+        elif row.status == "not imported":
+            summary = f"(third-party, not imported: {info.target}; --check imports it in a subprocess)"
+        else:
+            summary = row.summary
+        if row.note:
+            summary = f"[{row.note}] {summary}"
+        rows.append((info.family, info.name, f"{info.distribution} {info.version}".strip(), summary, row))
     if args.json:
-        print(json.dumps([dict(zip(("family", "name", "distribution", "summary"), r)) for r in rows], indent=2))
+        print(json.dumps([
+            {"family": r[0], "name": r[1], "distribution": r[2], "summary": r[3], "kind": r[4].info.kind,
+             "version": r[4].info.version, "target": r[4].info.target, "status": r[4].status,
+             "error": r[4].error or None, "note": r[4].note or None}
+            for r in rows], indent=2))
         return 0
     widths = [max(len(r[i]) for r in rows + [("family", "name", "distribution", "")]) for i in range(3)]
     print(f"{'family':<{widths[0]}}  {'name':<{widths[1]}}  {'distribution':<{widths[2]}}  summary")
@@ -54,6 +72,12 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 def _cmd_schema(args: argparse.Namespace) -> int:
     from .config import config_json_schema
 
+    # Third-party plugins are probed in subprocesses first (registry.plugins), so one that
+    # exits or hangs at import is skipped and reported here instead of taking the command down.
+    for info, _, err in registry.plugins():
+        if err is not None:
+            print(f"commlmo schema: skipped a broken plugin ({info.distribution} {info.version}): {err}",
+                  file=sys.stderr)
     print(json.dumps(config_json_schema(), indent=2))
     return 0
 
@@ -74,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list installed plugins")
     p.add_argument("--family", choices=sorted(registry.FAMILIES), help="only this family")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--check", action="store_true",
+                   help="import each third-party plugin in a subprocess (with a timeout) to show its "
+                        "summary or why it is broken")
     p.set_defaults(func=_cmd_plugins)
 
     p = sub.add_parser("presets", help="list the preset methods")

@@ -98,19 +98,52 @@ def test_register_checks_the_class():
         registry.register("lmo", _Halve)
 
 
-def test_two_distributions_claiming_one_name_is_a_clear_error(monkeypatch):
+def _with_claims(monkeypatch, family, name, extra):
     found = registry._discover()
-    fake = registry.PluginInfo("aggregator", "mean", "someone-elses-mean", "9.9", "other:Mean")
     patched = {f: dict(v) for f, v in found.items()}
-    patched["aggregator"]["mean"] = found["aggregator"]["mean"] + [fake]
+    patched[family][name] = found[family].get(name, []) + extra
     monkeypatch.setattr(registry, "_discovered", patched)
     monkeypatch.setattr(registry, "_loaded", {})
+    monkeypatch.setattr(registry, "_warned", set())
+
+
+def test_two_third_party_distributions_claiming_one_name_is_a_clear_error_naming_the_qualified_kinds(monkeypatch):
+    fakes = [registry.PluginInfo("aggregator", "median2", "someone-elses-median", "9.9", "other:Median"),
+             registry.PluginInfo("aggregator", "median2", "Yet_Another.Median", "1.0", "yet:Median")]
+    _with_claims(monkeypatch, "aggregator", "median2", fakes)
     with pytest.raises(PluginConflictError) as info:
-        registry.get("aggregator", "mean")
-    assert "registered by 2 distributions" in str(info.value)
-    assert "commlmo 0.1.0" in str(info.value) and "someone-elses-mean 9.9" in str(info.value)
+        registry.get("aggregator", "median2")
+    msg = str(info.value)
+    assert "registered by 2 distributions" in msg
+    assert "someone-elses-median 9.9" in msg and "Yet_Another.Median 1.0" in msg
+    assert "'someone-elses-median:median2'" in msg and "'yet-another-median:median2'" in msg
     # every other name keeps working
     assert registry.get("aggregator", "majority_vote").__name__ == "MajorityVote"
+
+
+def test_a_third_party_claim_on_a_builtin_name_resolves_to_the_builtin_with_one_warning(monkeypatch):
+    fake = registry.PluginInfo("aggregator", "mean", "someone-elses-mean", "9.9", "other:Mean")
+    _with_claims(monkeypatch, "aggregator", "mean", [fake])
+    with pytest.warns(registry.PluginShadowWarning, match="someone-elses-mean 9.9.*'someone-elses-mean:mean'"):
+        assert registry.get("aggregator", "mean").__module__ == "commlmo_aggregators.mean"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # only once
+        assert registry.build_plugin("aggregator", {"kind": "commlmo:mean"}).kind == "mean"
+        assert registry.validate_plugin_config("aggregator", "COMMLMO:mean").kind == "mean"
+    with pytest.raises(PluginNotFoundError, match="installed: commlmo:mean, someone-elses-mean:mean"):
+        registry.get("aggregator", "nobody:mean")
+
+
+def test_listing_rows_come_from_metadata_with_the_kind_that_selects_each(monkeypatch):
+    fake = registry.PluginInfo("aggregator", "mean", "someone-elses-mean", "9.9", "other:Mean")
+    _with_claims(monkeypatch, "aggregator", "mean", [fake])
+    rows = {(r.info.name, r.info.distribution): r for r in registry.listing("aggregator")}
+    builtin, other = rows[("mean", "commlmo")], rows[("mean", "someone-elses-mean")]
+    assert builtin.status == "ok" and builtin.info.kind == "mean" and builtin.summary
+    assert other.status == "not imported" and other.info.kind == "someone-elses-mean:mean"
+    assert "shadowed by the built-in" in other.note
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +167,15 @@ def _run_with(site: Path, code: str) -> subprocess.CompletedProcess:
 def test_third_party_plugins_are_discovered_and_a_broken_one_is_reported_by_distribution(third_party_site):
     env = dict(os.environ, PYTHONPATH=str(third_party_site))
     out = subprocess.run([sys.executable, "-m", "commlmo", "plugins"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    # listed from metadata: no third-party module is imported, so no summary and no verdict yet
+    median = next(line for line in lines if " median " in line)
+    assert "commlmo-median 0.1.0" in median and "not imported" in median
+    broken = next(line for line in lines if " broken " in line)
+    assert "commlmo-broken-example 0.0.1" in broken and "not imported" in broken
+    # --check imports them, each distribution in a subprocess
+    out = subprocess.run([sys.executable, "-m", "commlmo", "plugins", "--check"], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     median = next(line for line in lines if " median " in line)

@@ -18,9 +18,16 @@ and use the same tensors in your own property tests::
 
 See :mod:`commlmo.testing.contract` for every check and how the statistical
 tolerances are derived from the sample size.
+
+Check an LMO the same way: ``check_lmo(MyLMO())`` tests duality
+(``<G, direction(G)> = dual_norm(G)``), the norm ball, optimality, scale
+invariance, shapes and dtypes, no mutation, determinism and ``directions``
+(see :mod:`commlmo.testing.lmo_kit`; approximate LMOs declare an
+:class:`LMOTolerance`).
 """
 
 from .contract import check_compressor
+from .lmo_kit import LMOContractError, LMOTolerance, check_lmo, declared_tolerance
 from .strategies import (
     DTYPES,
     PATTERNS,
@@ -30,4 +37,16 @@ from .strategies import (
     tensors,
 )
 
-__all__ = ["DTYPES", "PATTERNS", "TensorExample", "check_compressor", "shapes", "tensor_examples", "tensors"]
+__all__ = [
+    "DTYPES",
+    "PATTERNS",
+    "LMOContractError",
+    "LMOTolerance",
+    "TensorExample",
+    "check_compressor",
+    "check_lmo",
+    "declared_tolerance",
+    "shapes",
+    "tensor_examples",
+    "tensors",
+]
