@@ -428,12 +428,18 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     suffix = path.suffix.lower()
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {exc.start} is "
+                          f"{exc.object[exc.start:exc.start + 1]!r}); configs are YAML, TOML or JSON text") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
+    if "\x00" in text:
+        raise ConfigError(f"config file {str(path)!r} contains NUL bytes; configs are YAML, TOML or JSON text")
     try:
         if suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
+            data = _load_yaml(text)
         elif suffix == ".toml":
             try:
                 import tomllib
@@ -450,7 +456,48 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} is not valid {suffix[1:]}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at top level, got {type(data).__name__}")
+    _check_size(data, str(path))
     return data
+
+
+#: the most values (scalars, lists and mappings, aliases expanded) a config may hold
+MAX_CONFIG_VALUES = 100_000
+
+
+def _check_size(data: Any, source: str) -> None:
+    """Refuse a config that expands to more than :data:`MAX_CONFIG_VALUES` values (a YAML alias bomb)."""
+    budget = [MAX_CONFIG_VALUES]
+
+    def walk(x: Any) -> None:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise ConfigError(f"config {source!r} expands to more than {MAX_CONFIG_VALUES:,} values "
+                              "(nested YAML aliases?); a commlmo config is a few hundred at most")
+        if isinstance(x, Mapping):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    walk(data)
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that also reads ``1e-3`` as a number (YAML 1.2), not as the string '1e-3'."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
+    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _merge(base: Any, override: Any, path: str = "") -> Any:
@@ -483,15 +530,26 @@ def _merge(base: Any, override: Any, path: str = "") -> Any:
     return copy.deepcopy(override)
 
 
-def _format_validation_error(exc: ValidationError, source: str) -> str:
+def _format_validation_error(exc: ValidationError, source: str, raw: Any = None) -> str:
     lines = [f"invalid commlmo config ({source}): {exc.error_count()} error(s)"]
+    groups = raw.get("groups") if isinstance(raw, Mapping) else None
     for e in exc.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        parts = [str(p) for p in e["loc"]]
+        # name a group as the user does (`groups.hidden`), not by its position in the list
+        if len(parts) > 1 and parts[0] == "groups" and parts[1].isdigit() and isinstance(groups, list):
+            i = int(parts[1])
+            if i < len(groups) and isinstance(groups[i], Mapping) and isinstance(groups[i].get("name"), str):
+                parts[1] = groups[i]["name"]
+        loc = ".".join(parts) or "(top level)"
         value = e.get("input")
         shown = repr(value)
         if len(shown) > 120:
             shown = shown[:117] + "..."
         msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] in ("float_type", "int_type", "bool_type"):
+            msg += f" (got {type(value).__name__}: write an unquoted number such as 0.02; nothing is coerced)"
+        elif e["type"] == "finite_number":
+            msg += "; allowed: a finite number (not .inf or .nan)"
         if e["type"] == "extra_forbidden":
             parent = e["loc"][:-1]
             msg = f"unknown field {e['loc'][-1]!r}" + _allowed_fields(parent)
@@ -568,7 +626,7 @@ def load_config(source: Any) -> OptimizerConfig:
     try:
         return OptimizerConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, label)) from None
+        raise ConfigError(_format_validation_error(exc, label, raw)) from None
 
 
 # --------------------------------------------------------------------------- schema

@@ -15,8 +15,9 @@ object: it lives in tensors that the optimizer stores in ``optimizer.state`` so
 
 Sign convention, stated once: :meth:`LMO.direction` returns
 ``D = argmax_{||D|| <= 1} <G, D>`` (so ``<G, D> = ||G||_*``, the dual norm), and
-the parameter update *subtracts* ``lr * scale * D``.  In the notation of
-REFERENCE.md, ``LMO(G) = -direction(G)``.
+the parameter update *subtracts* ``lr * scale * D``.  In the usual notation of
+the LMO papers (Pethick et al. 2025, "Training Deep Learning Models with Norm-Constrained
+LMOs"), ``lmo(G) = argmin_{||D|| <= 1} <G, D> = -direction(G)``.
 """
 
 from __future__ import annotations

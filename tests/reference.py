@@ -1,4 +1,4 @@
-"""Plain dense reference implementations of the SignMuon-family methods (REFERENCE.md section 5).
+"""Plain dense reference implementations of the SignMuon-family methods (the SignMuon paper, Smirnova, Kravatskiy, Kovalev).
 
 Written the obvious way -- a list of per-worker tensors, dense signs, a dense
 vote -- with no packing, no collectives and no plugins except the spectral LMO

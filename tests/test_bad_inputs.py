@@ -96,7 +96,7 @@ BAD = [
      ConfigError, ["'gluon'", "lmo_at: server"]),
     ("unknown config file type", lambda: load_config("optimizer.ini"), ConfigError, ["'.ini' is not a config file extension"]),
     # hyperparameters out of range
-    ("negative lr", lambda: load_config({"preset": "signmuon", "groups": {"hidden": {"lr": -1}}}), ConfigError, ["groups.0.lr", "-1"]),
+    ("negative lr", lambda: load_config({"preset": "signmuon", "groups": {"hidden": {"lr": -1}}}), ConfigError, ["groups.hidden.lr", "-1"]),
     ("momentum 1", lambda: load_config({"preset": "signmuon", "groups": {"hidden": {"momentum": {"beta": 1.0}}}}),
      ConfigError, ["momentum.beta", "less than 1"]),
     ("zero Newton-Schulz steps", lambda: build_plugin("lmo", {"kind": "spectral", "steps": 0}), Exception, ["steps", "greater than or equal to 1"]),
@@ -125,7 +125,7 @@ BAD = [
     # gradients
     ("sparse gradient", lambda: _step("signmuon", grad=_sparse_grad), ConfigError, ["'weight'", "sparse gradient"]),
     ("typo in a config file", lambda: load_config(_write("groups:\n  - name: a\n    lmo_att: worker\n")), ConfigError,
-     ["bad.yaml", "groups.0", "unknown field 'lmo_att'", "lmo_at"]),
+     ["bad.yaml", "groups.a.lmo_att", "unknown field 'lmo_att'", "lmo_at"]),
     # parameter lists
     ("empty parameter list", lambda: build_optimizer([], "signmuon"), ConfigError, ["empty parameter list"]),
     ("model with no trainable parameters", lambda: build_optimizer(_linear().requires_grad_(False), "signmuon"),

@@ -132,7 +132,7 @@ def test_scaled_sign_blocks_and_exact_contraction():
     blocks = x.view(4, -1)
     torch.testing.assert_close(p.wire[1], blocks.abs().mean(1))
     y = c.decompress(p).view(4, -1)
-    # ||C(x) - x||^2 = ||x||^2 - ||x||_1^2 / d, block by block (REFERENCE.md section 3)
+    # ||C(x) - x||^2 = ||x||^2 - ||x||_1^2 / d, block by block (Karimireddy et al. 2019, arXiv 1901.09847)
     want = (blocks**2).sum(1) - blocks.abs().sum(1) ** 2 / blocks.shape[1]
     torch.testing.assert_close(((y - blocks) ** 2).sum(1), want)
     assert c.alpha(x.shape) == 1 / 12 and c.capabilities.contractive and not c.capabilities.sign_bits

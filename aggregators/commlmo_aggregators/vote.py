@@ -4,8 +4,8 @@ Each of the ``M`` rows holds packed sign bits (bit = 1 means negative).  A
 ripple-carry counter kept as bit planes counts, for every bit position at
 once, how many rows have a 1; a bit-sliced comparison against ``M // 2`` then
 gives the majority.  Every operation is a bitwise op on whole 64-bit words, so
-the vote never unpacks a single bit (7-10x faster than unpack-count-repack,
-REFERENCE.md section 7).
+the vote never unpacks a single bit (7-10x faster than unpack-count-repack on a
+2-core CPU).
 """
 
 from __future__ import annotations

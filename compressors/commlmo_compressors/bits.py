@@ -8,7 +8,7 @@ last byte are 0.  Exact zeros (``+0.0`` and ``-0.0``) follow a ``zero`` policy:
 from the given generator (SignMuon's convention, so every message is exactly
 one bit and zeros cast no systematic vote).
 
-Fast paths (REFERENCE.md section 7): packing reads the sign bit of the raw float
+Fast paths (measured on a 2-core CPU, ``bench/compressors.py``): packing reads the sign bit of the raw float
 bits (never a bool tensor), and :func:`add_packed_signs_` applies
 ``target += c * (1 - 2 * bit)`` straight from the bytes, never materialising a
 +-1 float tensor.  Both run as C kernels on contiguous CPU tensors (see
