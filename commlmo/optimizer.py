@@ -246,9 +246,11 @@ class CommOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self.comm.bytes.new_step()
         entries = self._entries()
-        if not self._layout_checked:
+        first = not self._layout_checked
+        if first:
             check_layout(entries, self.config, self.comm)
             self._layout_checked = True
+        verify = bool(self.config.verify_every) and (self.steps + 1) % self.config.verify_every == 0
         if not self._agree_on_gradients(entries):
             if self.config.nonfinite == "skip":
                 self.skipped_steps += 1
@@ -262,7 +264,7 @@ class CommOptimizer(torch.optim.Optimizer):
             if live:
                 params = [p for _, p in live]
                 rt.step(params, [p.grad for p in params], [self.state[p] for p in params], [n for n, _ in live],
-                        group=group, comm=self.comm, step=self.steps)
+                        group=group, comm=self.comm, step=self.steps, check_agreement=first or verify)
         self.steps += 1
         if self.config.verify_every and self.steps % self.config.verify_every == 0:
             verify_parameters(entries, self.comm)

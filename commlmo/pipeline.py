@@ -246,7 +246,9 @@ class GroupRuntime:
         group: dict,
         comm: Communicator,
         step: int = 0,
+        check_agreement: bool = False,
     ) -> None:
+        """One step of the group; ``check_agreement`` compares the aggregates across ranks (first step)."""
         cfg = self.config
         lr, wd = group["lr"], group["weight_decay"]
         for p, s in zip(params, states):
@@ -287,6 +289,8 @@ class GroupRuntime:
                 transport=self.transport, label=cfg.name,
             )
             self._check_aggregates(aggregates, params, names)
+            if check_agreement and comm.world_size > 1:
+                self._check_agreement(aggregates, names, comm)
         else:  # a rule's full-precision phase (1-bit Adam's warm-up): a float32 mean
             identity = _identity()
             aggregates = mean_of_payloads([identity.compress(v) for v in vectors], identity, comm,
@@ -351,6 +355,26 @@ class GroupRuntime:
                     f"group {self.config.name!r}: aggregator {kind!r} returned NaN or Inf for parameter {bad!r} "
                     "although every gradient was finite; nothing was applied"
                 )
+
+
+    def _check_agreement(self, aggregates: Sequence, names: Sequence[str], comm: Communicator) -> None:
+        """Every rank must hold the same aggregate: an exact checksum of each, all-gathered once."""
+        from .consistency import _checksum
+
+        sums = []
+        for a in aggregates:
+            wires = a.payload.wire if isinstance(a, Encoded) else (a,)
+            sums.append(sum(_checksum(w.reshape(-1)) for w in wires))
+        mine = torch.tensor(sums, dtype=torch.int64)
+        everyone = comm.all_gather(mine, label=f"{self.config.name}/agreement_check")
+        differs = (everyone != everyone[comm.rank]).any(dim=0).nonzero().flatten().tolist()
+        if differs:
+            ranks = sorted({r for r in range(comm.world_size) for i in differs if everyone[r, i] != mine[i]})
+            raise AggregatorOutputError(
+                f"group {self.config.name!r}: aggregator {self.aggregator.kind!r} returned a different result on "
+                f"ranks {ranks} than on rank {comm.rank} for {', '.join(repr(names[i]) for i in differs[:3])}; an "
+                "aggregate must be identical on every rank. Nothing was applied."
+            )
 
 
 _IDENTITY: list[Compressor] = []

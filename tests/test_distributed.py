@@ -106,8 +106,10 @@ def test_measured_bytes_equal_the_transport_formulas(world):
 
 def test_vote_is_32x_cheaper_than_float32_all_reduce_up_to_padding(world):
     m, real, _ = world
-    vote = _sent(real[0]["signmuon"]["bytes"][0], "hidden/")
-    dense = _sent(real[0]["muonserver_allreduce"]["bytes"][0], "hidden/")
+    # step 1: step 0 also carries the one-off check that every rank holds the same aggregate
+    vote = _sent(real[0]["signmuon"]["bytes"][1], "hidden/")
+    dense = _sent(real[0]["muonserver_allreduce"]["bytes"][1], "hidden/")
+    assert _sent(real[0]["signmuon"]["bytes"][0], "hidden/agreement_check") == (m - 1) * 8 * 3
     # at most one byte of rounding per tensor and one 8*M-byte word pad; bench/comm.py measures large models
     slack = 2 * (m - 1) / m * (len(SHAPES) + 8 * m)
     assert dense / 32 <= vote <= dense / 32 + slack

@@ -25,7 +25,7 @@ def _leading_dims(rule: LRRule, shape: Sequence[int]) -> tuple[int, int]:
     if len(shape) < 2:
         raise ValueError(
             f"lr_rule {rule.kind!r} needs a matrix shape (ndim >= 2); got {tuple(shape)}. "
-            "Give vectors lr_rule 'constant', or leave them to the fallback optimizer."
+            "Give vectors lr_rule 'constant', or route them to a group with an element-wise rule."
         )
     return int(shape[0]), int(shape[1])
 

@@ -1,0 +1,151 @@
+"""Guards that keep a run from going silently wrong (each failed before the fix it pins):
+
+* ``load_state_dict`` refuses a state of another config or another model, and changes nothing;
+* a parameter passed twice is refused (it would be updated twice per step);
+* an aggregator's output is checked: count, shape, finiteness, and agreement across ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pytest
+import torch
+
+import commlmo
+from commlmo import ConfigError, build_optimizer, simulate
+from commlmo.errors import AggregatorOutputError
+from commlmo.plugin import Aggregator, PluginConfig
+from commlmo.transport import mean_of_payloads
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+
+
+def step(model, opt, seed=0):
+    torch.manual_seed(seed)
+    opt.zero_grad()
+    model(torch.randn(4, 6)).square().mean().backward()
+    opt.step()
+
+
+def snapshot(opt):
+    sd = opt.state_dict()
+    return {k: v.clone() for st in sd["state"].values() for k, v in st.items() if torch.is_tensor(v)}, \
+        [dict(g) for g in sd["param_groups"]]
+
+
+@pytest.mark.parametrize("other", [
+    lambda: build_optimizer(mlp(), "ef21muon"),                                   # another config
+    lambda: build_optimizer(torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.ReLU(),
+                                                torch.nn.Linear(9, 3)), "signmuon"),  # another model
+    lambda: build_optimizer(mlp(), {"preset": "signmuon", "groups": {"hidden": {"lr": 0.5}}}),
+])
+def test_load_state_dict_refuses_another_config_or_model_and_changes_nothing(other):
+    model = mlp()
+    source = build_optimizer(model, "signmuon")
+    step(model, source)
+    target = other()
+    for g in target.param_groups:
+        for p in g["params"]:
+            p.grad = torch.ones_like(p)
+    target.step()
+    before = snapshot(target)
+    with pytest.raises(ConfigError, match="cannot load this optimizer state.*nothing was changed"):
+        target.load_state_dict(source.state_dict())
+    after = snapshot(target)
+    assert before[1] == after[1]
+    assert before[0].keys() == after[0].keys() and all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+    target.step()  # still works
+
+
+def test_load_state_dict_round_trips_its_own_state():
+    model = mlp()
+    opt = build_optimizer(model, "ef21muonsign")
+    step(model, opt)
+    sd = opt.state_dict()
+    again = build_optimizer(mlp(), "ef21muonsign")
+    again.load_state_dict(sd)
+    assert again.steps == 1
+
+
+def test_a_parameter_passed_twice_is_refused():
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    with pytest.raises(ConfigError, match="'b' is the same tensor as 'a'"):
+        build_optimizer([("a", w), ("b", w)], "muon")
+    with pytest.raises(ConfigError, match="same tensor"):
+        build_optimizer([w, w], "muon")
+
+
+class _BadConfig(PluginConfig):
+    kind: Literal["bad_mean"] = "bad_mean"
+    breaks: Literal["short", "nan", "shape", "rank"] = "short"
+
+
+class BadMean(Aggregator):
+    """A mean that breaks its contract in one chosen way."""
+
+    Config = _BadConfig
+
+    def plan(self, uplink, *, world_size, payload_bytes, dense_entries):
+        return "allgather"
+
+    def aggregate(self, payloads, messages, states, *, codecs, comm, generators, transport, label):
+        out = mean_of_payloads(payloads, codecs, comm, transport="allgather", label=label)
+        b = self.config.breaks
+        if b == "short":
+            return out[:-1]
+        if b == "nan":
+            out[0] = out[0] * float("nan")
+        if b == "shape":
+            out[0] = out[0].reshape(-1)
+        if b == "rank":
+            out[0] = out[0] + comm.rank
+        return out
+
+
+@pytest.fixture
+def bad_mean():
+    commlmo.register("aggregator", BadMean)
+    yield
+    commlmo.registry.unregister("aggregator", "bad_mean")
+
+
+@pytest.mark.parametrize("breaks,match", [
+    ("short", "returned 1 results for 2 parameters"),
+    ("nan", "NaN or Inf for parameter 'w' although every gradient was finite"),
+    ("shape", r"returned shape \(12,\) for parameter 'w' of shape \(4, 3\)"),
+])
+def test_aggregator_output_is_checked_and_nothing_is_applied(bad_mean, breaks, match):
+    w, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(4))
+    cfg = {"groups": [{"name": "all", "params": {"ndim": None}, "lmo": None, "lmo_at": "none", "lr_rule": {"kind": "constant"},
+                       "aggregator": {"kind": "bad_mean", "breaks": breaks}}]}
+    opt = build_optimizer([("w", w), ("b", b)], cfg)
+    before = [w.detach().clone(), b.detach().clone()]
+    w.grad, b.grad = torch.ones_like(w), torch.ones_like(b)
+    with pytest.raises(AggregatorOutputError, match=match):
+        opt.step()
+    assert torch.equal(w, before[0]) and torch.equal(b, before[1])
+    assert all(not s for s in opt.state.values()) or all("momentum_buffer" not in s or not s["momentum_buffer"].any()
+                                                          for s in opt.state.values())
+
+
+def test_aggregates_that_differ_by_rank_are_caught_at_the_first_step(bad_mean):
+    cfg = {"groups": [{"name": "all", "params": {"ndim": None}, "lmo": None, "lmo_at": "none", "lr_rule": {"kind": "constant"},
+                       "aggregator": {"kind": "bad_mean", "breaks": "rank"}}]}
+
+    def worker(rank, comm):
+        w = torch.nn.Parameter(torch.zeros(4, 3))
+        opt = build_optimizer([("w", w)], cfg, process_group=comm)
+        w.grad = torch.ones_like(w)
+        try:
+            opt.step()
+        except AggregatorOutputError as exc:
+            return str(exc), bool(w.any())
+        return None, bool(w.any())
+
+    for msg, moved in simulate(2, worker):
+        assert msg is not None and "different result on ranks" in msg and "'w'" in msg
+        assert not moved
