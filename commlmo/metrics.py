@@ -12,8 +12,8 @@ A run directory holds
 * ``summary.json`` -- totals, every rank's byte accounting, the task's facts,
   and how the run went: ``stopped_after``, ``resumed_from`` (the checkpoint
   steps it was resumed from), ``last_checkpoint``, ``skipped_steps``, ``adversaries``.
-* ``checkpoints/rank<r>/step-<k>.pt`` -- with ``train.checkpoint_every``: each
-  rank's own checkpoints (:mod:`commlmo.checkpoint`).
+* ``checkpoints/rank<r>/step-<k>.pt`` and ``.json`` -- with ``train.checkpoint_every``:
+  each rank's own checkpoints and their checksums (:mod:`commlmo.checkpoint`).
 * ``config.yaml`` -- the resolved run config.
 
 :func:`load_run` reads them back; :func:`reach` finds the first evaluation at
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["MetricsWriter", "RunResult", "Reached", "load_run", "reach", "human_bytes",
+__all__ = ["MetricsWriter", "RunResult", "Reached", "load_run", "reach", "human_bytes", "best_eval",
            "run_table", "compare_table", "default_target"]
 
 
@@ -145,6 +145,15 @@ def _final(run: RunResult) -> dict[str, Any]:
     return run.evals[-1] if run.evals else {}
 
 
+def best_eval(run: RunResult) -> tuple[float, int | None]:
+    """The lowest evaluated loss and the (first) step it was reached at; ``(nan, None)`` without evaluations."""
+    evals = [r for r in run.evals if math.isfinite(r["eval_loss"])]
+    if not evals:
+        return math.nan, None
+    best = min(evals, key=lambda r: r["eval_loss"])
+    return best["eval_loss"], best["step"]
+
+
 def _format_table(head: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
@@ -163,7 +172,8 @@ def run_table(run: RunResult) -> str:
     rows = [
         ["steps", f"{s['steps_run']}" + (f" ({'; '.join(notes)})" if notes else "")],
         ["workers", f"{s['world_size']} ({s['backend']}, {s['device']})"],
-        ["eval loss (final / best)", f"{fin.get('eval_loss', math.nan):.4f} / {s['best_eval_loss']:.4f}"],
+        ["eval loss (final / best)", f"{fin.get('eval_loss', math.nan):.4f} / {s['best_eval_loss']:.4f}"
+         + (f" (best at step {best_eval(run)[1]})" if best_eval(run)[1] is not None else "")],
     ]
     if s.get("adversaries"):
         adv = s["adversaries"]
@@ -190,15 +200,17 @@ def run_table(run: RunResult) -> str:
 
 
 def compare_table(runs: list[RunResult], target: float) -> str:
-    """One row per run: final loss and accuracy, bytes per worker, bytes and time to ``target``, wall time."""
+    """One row per run: final and best eval loss (and the best's step), final accuracy, bytes per worker,
+    bytes and time to ``target``, wall time."""
     acc = any(r.has_accuracy for r in runs)
-    head = ["run", "eval loss"] + (["eval acc"] if acc else []) + [
+    head = ["run", "final eval loss", "best eval loss", "best at step"] + (["eval acc"] if acc else []) + [
         "sent/worker", "sent/step", f"bytes to {target:.4g}", f"time to {target:.4g}", "steps", "wall"]
     rows = []
     for run in runs:
         s, fin = run.summary, _final(run)
         hit = reach(run, target)
-        row = [run.name, f"{fin.get('eval_loss', math.nan):.4f}"]
+        best, at = best_eval(run)
+        row = [run.name, f"{fin.get('eval_loss', math.nan):.4f}", f"{best:.4f}", "-" if at is None else str(at)]
         if acc:
             row.append(f"{100 * fin['eval_acc']:.2f} %" if "eval_acc" in fin else "-")
         row += [

@@ -102,7 +102,11 @@ def plot_compare(runs: list[RunResult], path: str | Path, *, target: float | Non
         _loss_scale(ax, all_losses)
         if target is not None and math.isfinite(target):
             ax.axhline(target, color="gray", ls="--", lw=0.8, label=f"target {target:.4g}")
-    ax_bytes.set_xscale("log")
+    if any(r["sent_total"] > 0 for run in runs for r in run.evals):
+        ax_bytes.set_xscale("log")
+    else:
+        ax_bytes.text(0.5, 0.5, "nothing communicated\n(one worker)", ha="center", va="center",
+                      transform=ax_bytes.transAxes)
     ax_step.set(xlabel="step", ylabel="eval loss", title="loss vs steps")
     ax_bytes.set(xlabel="MiB sent per worker (cumulative)", ylabel="eval loss", title="loss vs bytes communicated")
     ax_time.set(xlabel="training time (s)", ylabel="eval loss", title="loss vs wall-clock")
@@ -113,7 +117,8 @@ def plot_compare(runs: list[RunResult], path: str | Path, *, target: float | Non
         ax_last.set(xlabel="step", ylabel="train loss (smoothed)", title="train loss")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     path = Path(path)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,7 +36,11 @@ class _Model(BaseModel):
 
 
 class ScheduleConfig(_Model):
-    """Learning-rate multiplier over steps: linear warmup, then constant, cosine or linear decay to ``final``."""
+    """Learning-rate multiplier over steps: linear warmup, then constant, cosine or linear decay to ``final``.
+
+    The run applies it with :class:`torch.optim.lr_scheduler.LambdaLR` (:meth:`scheduler`),
+    whose state is checkpointed and resumed with the optimizer's.
+    """
 
     kind: Literal["constant", "cosine", "linear"] = "constant"
     warmup: int = Field(0, ge=0)
@@ -51,6 +55,23 @@ class ScheduleConfig(_Model):
         t = (step - self.warmup) / max(1, total - self.warmup)
         shape = 0.5 * (1 + math.cos(math.pi * t)) if self.kind == "cosine" else 1 - t
         return self.final + (1 - self.final) * shape
+
+    def lr_lambda(self, total: int) -> Callable[[int], float]:
+        """The multiplier of step ``k`` (0-based) of ``total``, as ``LambdaLR`` calls it."""
+
+        def multiplier(step: int) -> float:
+            return self(step, total)
+
+        return multiplier
+
+    def scheduler(self, optimizer: Any, total: int) -> Any:
+        """A :class:`torch.optim.lr_scheduler.LambdaLR` over ``optimizer``: step 1 runs at ``lr * self(0, total)``.
+
+        Call its ``step()`` after each ``optimizer.step()``.
+        """
+        from torch.optim.lr_scheduler import LambdaLR
+
+        return LambdaLR(optimizer, self.lr_lambda(total))
 
 
 class AdversaryConfig(_Model):
@@ -94,7 +115,9 @@ class FaultConfig(_Model):
 
     ``exit`` ends the process at once (``os._exit(1)``, as a crash or an OOM kill
     would: no exception, no clean-up); ``hang`` stops it answering (the others
-    then time out after ``train.collective_timeout_s``).  Never part of a real run.
+    then time out after ``train.collective_timeout_s``).  It fires in the first attempt
+    only, not after the launcher restarted the workers (``train.max_restarts``).
+    Never part of a real run.
     """
 
     rank: int = Field(ge=0)
@@ -104,7 +127,7 @@ class FaultConfig(_Model):
 
 #: ``train`` fields a resumed run may change: they steer the run's execution, not what it computes.
 RESUMABLE_CHANGES = frozenset({"timeout_s", "collective_timeout_s", "checkpoint_every", "keep_checkpoints",
-                               "stop_after", "fault", "backend"})
+                               "stop_after", "fault", "backend", "max_restarts"})
 
 
 class TrainConfig(_Model):
@@ -128,6 +151,10 @@ class TrainConfig(_Model):
         0, ge=0, description="Write a checkpoint every this many steps into <out>/checkpoints (0: never); "
         "`commlmo train --resume` continues from the last one.")
     keep_checkpoints: int = Field(2, ge=1, description="How many of the most recent checkpoints to keep.")
+    max_restarts: int = Field(
+        0, ge=0, description="How many times the launcher restarts every worker after one failed; a restarted "
+        "run continues from the newest checkpoint every rank holds intact (ignored under torchrun: use its "
+        "--max-restarts).")
     adversaries: AdversaryConfig | None = Field(
         None, description="Byzantine workers: these ranks send flipped, random or zero messages.")
     stop_after: int | None = Field(
@@ -286,9 +313,16 @@ def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[s
     out = copy.deepcopy(raw)
     for dotted, value in overrides.items():
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError as exc:
+                why = " ".join(str(getattr(exc, "problem", None) or exc).split())
+                raise ConfigError(f"--set {dotted}={value}: the value is not valid YAML ({why}); quote a string "
+                                  f"with spaces or colons, e.g. --set '{dotted}=\"...\"'") from None
         node = out
         *parents, leaf = dotted.split(".")
+        if not all(parents) or not leaf:
+            raise ConfigError(f"--set {dotted}: empty part in the key; expected a dotted path such as train.steps")
         for p in parents:
             if not isinstance(node.setdefault(p, {}), dict):
                 raise ConfigError(f"--set {dotted}: {p!r} is not a section")

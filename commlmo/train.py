@@ -1,25 +1,39 @@
 r"""``commlmo train`` and ``commlmo compare``: start the workers, then report.
 
-    commlmo train examples/mnist1d_cnn.yaml --nproc 4          # spawns 4 local workers
+    commlmo train examples/mnist1d_cnn.yaml --nproc 4          # starts 4 local workers
     commlmo train examples/matrix.yaml --steps 100 --set task.noise=0.1
     commlmo compare signmuon muon signsgd --task mnist1d-cnn --nproc 4
     commlmo compare examples/mnist1d_cnn.yaml runs/other.yaml
     torchrun --standalone --nproc_per_node 4 -m commlmo train examples/mnist1d_cnn.yaml
     commlmo train examples/mnist1d_cnn.yaml --out runs/cnn --set train.checkpoint_every=100
-    commlmo train examples/mnist1d_cnn.yaml --out runs/cnn --resume   # after an interruption
+    commlmo train examples/mnist1d_cnn.yaml --out runs/cnn --resume     # after an interruption
+    commlmo train examples/mnist1d_cnn.yaml --out runs/cnn --overwrite  # start over; the old run is kept aside
 
 Without ``torchrun`` the command starts ``--nproc`` (or ``train.nproc``) worker
-processes on this machine joined by a process group (gloo on 127.0.0.1, NCCL
-when CUDA is present) and runs :func:`commlmo.worker.run_rank` in each; under
-``torchrun`` the process is one rank.  Rank 0 writes ``metrics.jsonl`` and
-``summary.json`` into the run directory; this module then prints the summary
-table and draws the plots from those files.
+processes on this machine through torch's elastic launcher (what ``torchrun``
+uses: a c10d rendezvous on 127.0.0.1), joined by a process group (gloo, NCCL
+when CUDA is present), and runs :func:`commlmo.worker.run_rank` in each; under
+``torchrun`` the process is one rank.  Ctrl-C or SIGTERM stops every worker and
+exits with 130 / 143; when a worker fails the others are stopped and the error
+names it (``train.max_restarts`` restarts them from the last checkpoint
+instead).  More workers than 8 per CPU core are refused; more than the cores
+get a warning.  Rank 0 writes ``metrics.jsonl`` and ``summary.json`` into the
+run directory; this module then prints the summary table and draws the plots
+from those files.  The harness needs ``pip install 'commlmo[train]'``.
 
-With ``train.checkpoint_every`` every rank checkpoints into ``<out>/checkpoints``;
-``--resume`` continues the run in ``--out`` (default: the newest ``runs/<name>-*``
-with a checkpoint) from the newest checkpoint every rank holds, bitwise as if it
-had never stopped.  Under ``torchrun --max-restarts`` pass ``--out`` and
-``--resume`` from the first attempt: a run with no checkpoint yet starts at step 0.
+A fresh run into an ``--out`` that already holds a run (``config.yaml``,
+``metrics.jsonl``, ``checkpoints/``) is refused: continue it with ``--resume``,
+choose another ``--out``, or pass ``--overwrite``, which moves the old run aside
+to ``<out>.old-<time>`` (nothing is deleted).
+
+With ``train.checkpoint_every`` every rank checkpoints into ``<out>/checkpoints``,
+each file with a sha256 checksum and the run config's fingerprint.  ``--resume``
+continues the run in ``--out`` (default: the newest ``runs/<name>-*`` with a
+checkpoint) from the newest checkpoint every rank holds intact, bitwise as if it
+had never stopped; it names each newer checkpoint it skips and why (truncated,
+checksum mismatch, another config), and refuses a config that computes another
+run.  Under ``torchrun --max-restarts`` pass ``--out``: a restarted attempt
+resumes by itself (from step 0 when there is no checkpoint yet).
 
 The same from Python::
 
@@ -31,6 +45,7 @@ The same from Python::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -41,14 +56,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CHECKPOINTS, latest_common, resume_command
-from .errors import ConfigError, DistributedError
-from .launch import default_backend, init_from_env, launched_by_torchrun, spawn
-from .metrics import RunResult, compare_table, default_target, load_run, run_table
+from .checkpoint import CHECKPOINTS, comparable_config, config_changes, latest_common, may_change, resume_command
+from .errors import CommlmoError, ConfigError, DistributedError
+from .launch import Interrupted, default_backend, init_from_env, launch, launched_by_torchrun, restart_count
+from .metrics import RunResult, best_eval, compare_table, default_target, load_run, run_table
 from .runconfig import TASKS, RunConfig, is_run_config, load_run_config
 from .tasks import shard_size
 
-__all__ = ["train", "compare", "add_cli"]
+__all__ = ["train", "compare", "add_cli", "check_nproc", "require_harness", "MissingExtraError"]
 
 
 def _stamp() -> str:
@@ -61,7 +76,149 @@ def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _launch(jobs: list[tuple[RunConfig, Path]], *, progress: bool, resume: bool = False) -> bool:
+class MissingExtraError(CommlmoError, ImportError):
+    """The training harness's own dependencies are not installed (``pip install 'commlmo[train]'``)."""
+
+
+#: What the harness imports (progress bars, plots), and what each task kind imports.
+_HARNESS_MODULES = ("tqdm", "matplotlib")
+_TASK_MODULES = {"mnist1d": ("mnist1d",), "gpt": ("tokenizers",)}
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a blocked or half-installed module
+        return False
+
+
+def require_harness(configs: Sequence[RunConfig] = ()) -> None:
+    """Raise :class:`MissingExtraError` (one line) unless the ``commlmo[train]`` extra is installed."""
+    wanted = list(_HARNESS_MODULES)
+    for cfg in configs:
+        wanted += [m for m in _TASK_MODULES.get(cfg.task.kind, ()) if m not in wanted]
+    missing = [m for m in wanted if not _importable(m)]
+    if missing:
+        raise MissingExtraError(f"the training harness needs its extra: pip install 'commlmo[train]' "
+                                f"(missing: {', '.join(missing)})")
+
+
+# --------------------------------------------------------------------------- workers and run directories
+
+#: More workers than this many per core is refused (and above MAX_NPROC whatever the cores).
+MAX_NPROC_PER_CORE = 8
+MAX_NPROC = 256
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def check_nproc(nproc: int, cores: int | None = None) -> str | None:
+    """Raise for more local workers than the machine can sensibly run; a one-line warning for more than its cores."""
+    cores = cores or cpu_cores()
+    limit = min(MAX_NPROC, MAX_NPROC_PER_CORE * cores)
+    if nproc > limit:
+        why = (f"more than {MAX_NPROC_PER_CORE} per core on the {cores} CPU core(s) this process may use"
+               if limit < MAX_NPROC else f"more than the hard cap of {MAX_NPROC}")
+        raise ConfigError(f"--nproc {nproc}: {why} (at most {limit}); each worker is a process with its own "
+                          "copy of the model. Use fewer workers, or torchrun across machines")
+    if nproc > cores:
+        return (f"commlmo: warning: {nproc} workers on {cores} CPU core(s): they take turns on the cores, so every "
+                f"step waits for the slowest (expect roughly {nproc / cores:.1f}x the time per step)")
+    return None
+
+
+_RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", CHECKPOINTS)
+
+
+def _holds_run(out: Path) -> list[str]:
+    return [name for name in _RUN_FILES if (out / name).exists()] if out.is_dir() else []
+
+
+def _check_not_a_file(out: Path) -> None:
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"--out {out}: {p} is a file, not a directory; name a directory "
+                                  "(created if missing)")
+            return
+
+
+def _check_out(cfg: RunConfig, out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse a fresh run over an existing one, and a resume with a config that computes another run."""
+    _check_not_a_file(out)
+    held = _holds_run(out)
+    if not resume:
+        if held and not overwrite:
+            raise ConfigError(
+                f"--out {out} already holds a run ({', '.join(held)}); continue it with --resume, choose "
+                "another --out, or pass --overwrite to move the old run aside first"
+            )
+        return
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        return
+    try:
+        old = load_run_config(saved)
+        before = comparable_config(old.model_dump(mode="json"), old.optimizer_config().model_dump(mode="json"))
+    except CommlmoError:
+        return  # e.g. its optimizer file is gone: the checkpoints' own copy of the config decides
+    now = comparable_config(cfg.model_dump(mode="json"), cfg.optimizer_config().model_dump(mode="json"))
+    shown = config_changes(before, now)
+    if shown:
+        raise ConfigError(
+            f"cannot resume: the run config differs from the one in {saved} ({shown}). A resumed run may change "
+            f"only {may_change()}; for anything else start a new run (another --out)"
+        )
+
+
+def _move_aside(out: Path) -> Path:
+    """Rename ``out`` to ``<out>.old-<time>`` (``-2``, ``-3``... when taken); returns the new name."""
+    base = out.with_name(f"{out.name}.old-{_stamp()}")
+    dest, n = base, 1
+    while dest.exists():
+        n += 1
+        dest = base.with_name(f"{base.name}-{n}")
+    os.replace(out, dest)
+    print(f"commlmo: --overwrite: moved the old run in {out} aside to {dest}", file=sys.stderr)
+    return dest
+
+
+def _prepare_out(cfg: RunConfig, out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Create the run directory (after moving an old run aside with ``overwrite``) and write ``config.yaml``."""
+    if not resume and overwrite and _holds_run(out):
+        _move_aside(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        # a resumed run's is rewritten by rank 0 once a checkpoint accepted the config
+        if not (resume and ((out / "config.yaml").exists() or (out / CHECKPOINTS).exists())):
+            (out / "config.yaml").write_text(cfg.to_yaml())
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot write the run directory ({exc.strerror or exc})") from None
+
+
+def _interrupted_hint(jobs: list[tuple[RunConfig, Path]]) -> str:
+    """One line: how to continue what an interruption stopped."""
+    resumable = [(cfg, out) for cfg, out in jobs if cfg.train.checkpoint_every
+                 and latest_common(out, cfg.train.nproc) is not None]
+    if len(jobs) == 1 and resumable:
+        cfg, out = resumable[0]
+        return (f"last complete checkpoint: step {latest_common(out, cfg.train.nproc)}; continue with: "
+                f"{resume_command(out, cfg.train)}")
+    if resumable:
+        return "continue with the same command and --resume"
+    if any(cfg.train.checkpoint_every for cfg, _ in jobs):
+        return "no checkpoint written yet to continue from"
+    return "no checkpoint to continue from (train.checkpoint_every = 0)"
+
+
+def _launch(jobs: list[tuple[RunConfig, Path]], *, progress: bool, resume: bool = False,
+            overwrite: bool = False) -> bool:
     """Run each ``(config, out)`` in turn on one set of workers; True where this process holds the results.
 
     The workers are started once for all the jobs (a comparison pays the process
@@ -69,10 +226,14 @@ def _launch(jobs: list[tuple[RunConfig, Path]], *, progress: bool, resume: bool 
     """
     from .worker import run_many
 
-    nprocs = {cfg.train.nproc for cfg, _ in jobs}
-    backends = {cfg.train.backend for cfg, _ in jobs}
-    if len(nprocs) > 1 or len(backends) > 1:  # cannot share the workers: one launch per job
-        return all([_launch([job], progress=progress, resume=resume) for job in jobs])
+    kinds = {(cfg.train.nproc, cfg.train.backend, cfg.train.max_restarts) for cfg, _ in jobs}
+    if len(kinds) > 1:  # cannot share the workers: one launch per job, once every job passed its checks
+        if not launched_by_torchrun():
+            for cfg, out in jobs:
+                check_nproc(cfg.train.nproc)
+                shard_size(cfg.train.global_batch, cfg.train.nproc)
+                _check_out(cfg, out, resume=resume, overwrite=overwrite)
+        return all([_launch([job], progress=progress, resume=resume, overwrite=overwrite) for job in jobs])
     first = jobs[0][0].train
     payload = [(cfg.model_dump(mode="json"), str(out)) for cfg, out in jobs]
     if launched_by_torchrun():
@@ -80,46 +241,59 @@ def _launch(jobs: list[tuple[RunConfig, Path]], *, progress: bool, resume: bool 
 
         rank, world = init_from_env(backend=None if first.backend == "auto" else first.backend,
                                     timeout_s=first.collective_timeout_s)
-        shared = [payload]
-        dist.broadcast_object_list(shared, src=0)  # rank 0's output directories (a time stamp may differ)
-        payload = shared[0]
-        for (cfg, _), (_, out) in zip(jobs, payload):
-            shard_size(cfg.train.global_batch, world)
-            if rank == 0:
-                _write_config(cfg, Path(out), resume)
+        resume = resume or restart_count() > 0  # torchrun --max-restarts: continue from the checkpoint
         try:
+            problem = None
+            if rank == 0:  # rank 0 decides for all, so that no rank starts while another refuses
+                try:
+                    for cfg, out in jobs:
+                        shard_size(cfg.train.global_batch, world)
+                        _check_out(cfg, out, resume=resume, overwrite=overwrite)
+                    for cfg, out in jobs:
+                        _prepare_out(cfg, out, resume=resume, overwrite=overwrite)
+                except CommlmoError as exc:
+                    problem = str(exc)
+            shared = [payload, problem]
+            dist.broadcast_object_list(shared, src=0)  # rank 0's output directories (a time stamp may differ)
+            payload, problem = shared
+            if problem is not None:
+                raise ConfigError(problem)
             run_many(rank, world, payload, progress, resume)
         finally:  # a rank that exits with the group alive can abort in gloo's threads
             dist.destroy_process_group()
         return rank == 0
+    warning = check_nproc(first.nproc)
+    for cfg, out in jobs:  # check everything before anything is written or started
+        shard_size(cfg.train.global_batch, cfg.train.nproc)
+        _check_out(cfg, out, resume=resume, overwrite=overwrite)
     for cfg, out in jobs:
-        shard_size(cfg.train.global_batch, cfg.train.nproc)  # fail here, not in every worker
-        _write_config(cfg, out, resume)
-    if first.nproc == 1:  # in this process, on one thread like each spawned worker
-        import torch
-
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            run_many(0, 1, payload, progress, resume)
-        finally:
-            torch.set_num_threads(threads)
-        return True
-    backend = default_backend() if first.backend == "auto" else first.backend
-    timeout = sum(cfg.train.timeout_s for cfg, _ in jobs)
+        _prepare_out(cfg, out, resume=resume, overwrite=overwrite)
+    if warning:
+        print(warning, file=sys.stderr)
     try:
-        spawn(run_many, first.nproc, payload, progress, resume, backend=backend, timeout_s=timeout,
-              collective_timeout_s=first.collective_timeout_s)
-    except DistributedError as exc:
-        raise DistributedError(f"{exc}\n{_checkpoint_note(jobs)}") from None
+        if first.nproc == 1:  # in this process, on one thread like each launched worker
+            import torch
+
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                run_many(0, 1, payload, progress, resume)
+            finally:
+                torch.set_num_threads(threads)
+            return True
+        backend = default_backend() if first.backend == "auto" else first.backend
+        timeout = sum(cfg.train.timeout_s for cfg, _ in jobs)
+        try:
+            launch(run_many, first.nproc, payload, progress, resume, backend=backend, timeout_s=timeout,
+                   collective_timeout_s=first.collective_timeout_s, max_restarts=first.max_restarts)
+        except ConfigError:  # a worker's, e.g. a checkpoint of another config: as it is
+            raise
+        except DistributedError as exc:
+            raise DistributedError(f"{exc}\n{_checkpoint_note(jobs)}".rstrip()) from None
+    except Interrupted as exc:
+        exc.hint = _interrupted_hint(jobs)  # type: ignore[attr-defined]
+        raise
     return True
-
-
-def _write_config(cfg: RunConfig, out: Path, resume: bool) -> None:
-    """``config.yaml`` of a new run; a resumed run's is rewritten by rank 0 once its checkpoint accepted the config."""
-    out.mkdir(parents=True, exist_ok=True)
-    if not (resume and (out / "config.yaml").exists()):
-        (out / "config.yaml").write_text(cfg.to_yaml())
 
 
 def _checkpoint_note(jobs: list[tuple[RunConfig, Path]]) -> str:
@@ -178,22 +352,31 @@ def _world_overrides(overrides: Mapping[str, Any] | None, nproc: int | None) -> 
     return out
 
 
+def _check_flags(resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in --out and --overwrite moves it aside; pass one of them")
+
+
 def train(config: Any, *, nproc: int | None = None, out: str | Path | None = None,
           overrides: Mapping[str, Any] | None = None, progress: bool = True, report: bool = True,
-          resume: bool = False) -> RunResult | None:
+          resume: bool = False, overwrite: bool = False) -> RunResult | None:
     """Train one run config (path or mapping); returns the run read back from ``out`` (``None`` on ranks > 0).
 
     ``resume=True`` continues the run in ``out`` (default: the newest ``runs/<name>-*``
-    holding a checkpoint) from its newest checkpoint; with none there yet it starts at step 0.
+    holding a checkpoint) from its newest intact checkpoint; with none there yet it
+    starts at step 0.  A fresh run into an ``out`` that already holds a run is
+    refused, unless ``overwrite=True`` moves that run aside to ``<out>.old-<time>``.
     """
+    _check_flags(resume, overwrite)
     cfg = load_run_config(config, _world_overrides(overrides, nproc))
+    require_harness([cfg])
     if out:
         out = Path(out)
     elif resume:
         out = _latest_run(cfg)
     else:
         out = Path("runs") / f"{cfg.label()}-{_stamp()}"
-    if not _launch([(cfg, out)], progress=progress, resume=resume):
+    if not _launch([(cfg, out)], progress=progress, resume=resume, overwrite=overwrite):
         return None
     run = load_run(out)
     if report:
@@ -243,17 +426,33 @@ def compare_configs(sources: Sequence[Any], *, task: str | None = None, nproc: i
 def compare(sources: Sequence[Any], *, task: str | None = None, nproc: int | None = None,
             out: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
             target_loss: float | None = None, progress: bool = True, report: bool = True,
-            resume: bool = False) -> list[RunResult] | None:
+            resume: bool = False, overwrite: bool = False) -> list[RunResult] | None:
     """Run each source on the same task and seed; print one table and draw one plot of all runs.
 
     ``resume=True`` continues every run under ``out`` from its newest checkpoint.
+    A fresh comparison into an ``out`` that already holds one (or any of its runs)
+    is refused, unless ``overwrite=True`` moves that directory aside to ``<out>.old-<time>``.
     """
     if not sources:
         raise ConfigError("compare needs at least one config or preset")
+    _check_flags(resume, overwrite)
     configs = compare_configs(sources, task=task, nproc=nproc, overrides=overrides)
+    require_harness(configs)
     if resume and not out:
         raise ConfigError("compare --resume needs --out: the directory of the comparison to continue")
     out = Path(out) if out else Path("runs") / f"compare-{_stamp()}"
+    _check_not_a_file(out)
+    # (under torchrun rank 0 alone checks each run's directory, in _launch, and tells the others)
+    if not resume and not launched_by_torchrun():
+        held = ([name for name in ("compare.json", "compare.txt") if (out / name).exists()]
+                + [f"{c.label()}/" for c in configs if _holds_run(out / c.label())]) if out.is_dir() else []
+        if held and not overwrite:
+            raise ConfigError(
+                f"--out {out} already holds a comparison ({', '.join(held)}); continue it with --resume, choose "
+                "another --out, or pass --overwrite to move it aside first"
+            )
+        if held:
+            _move_aside(out)
     tasks = {json.dumps(c.task.model_dump(mode="json"), sort_keys=True) for c in configs}
     seeds = {c.train.seed for c in configs}
     if (len(tasks) > 1 or len(seeds) > 1) and _is_rank0():
@@ -282,12 +481,15 @@ def _report_compare(runs: list[RunResult], out: Path, target: float, configs: li
     table = compare_table(runs, target)
     note = ("target loss: the largest of the runs' best eval losses (every run reached it)"
             if not any(c.train.target_loss for c in configs) else "target loss from the configs / --target-loss")
-    text = f"{title}\n\n{table}\n\n{note}; bytes are per worker, as the optimizer measured them\n"
+    text = (f"{title}\n\n{table}\n\nfinal: the last evaluation; best: the lowest evaluated loss and the step of it "
+            f"(a run that overfits ends above its best)\n{note}; bytes are per worker, as the optimizer measured them\n")
     (out / "compare.txt").write_text(text)
     (out / "compare.json").write_text(json.dumps({
         "target_loss": target if math.isfinite(target) else None,
         "runs": [{"name": r.name, "dir": str(r.path),
                   **{k: r.summary[k] for k in ("final", "best_eval_loss", "wall_time", "train_time", "steps_run")},
+                  "final_eval_loss": r.evals[-1]["eval_loss"] if r.evals else None,
+                  "best_eval_step": best_eval(r)[1],
                   "sent_per_worker": r.summary["bytes"]["sent_per_worker"]} for r in runs],
     }, indent=2, default=str))
     print("\n" + text)
@@ -322,12 +524,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any field, e.g. task.model=mlp (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its newest checkpoint (see train.checkpoint_every)")
+                   help="continue the run in --out from its newest intact checkpoint (see train.checkpoint_every); "
+                   "refused if --out holds a run of another config")
+    p.add_argument("--overwrite", action="store_true",
+                   help="a fresh run into an --out that already holds a run is refused; with --overwrite the old "
+                   "run is first moved aside to <out>.old-<time> (nothing is deleted)")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     train(args.config, nproc=args.nproc, out=args.out, overrides=_overrides(args), progress=not args.no_progress,
-          resume=args.resume)
+          resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -335,7 +541,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     ov = _overrides(args)
     ov.pop("train.target_loss", None)
     compare(args.configs, task=args.task, nproc=args.nproc, out=args.out, overrides=ov,
-            target_loss=args.target_loss, progress=not args.no_progress, resume=args.resume)
+            target_loss=args.target_loss, progress=not args.no_progress, resume=args.resume,
+            overwrite=args.overwrite)
     return 0
 
 

@@ -8,4 +8,6 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install --quiet "torch==2.13.0"
 fi
-"$PY" -m pip install --quiet -e ".[test,docs]"
+# The optimizer alone needs torch, numpy, pydantic and PyYAML; the extras add the training harness
+# (train), the plugin contract kit (testing), the test runner (test) and the docs (docs).
+"$PY" -m pip install --quiet -e ".[train,testing,test,docs]"

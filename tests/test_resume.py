@@ -127,6 +127,12 @@ def test_resume_through_the_cli_in_one_process_is_bitwise(tmp_path, capsys):
 def test_resume_refuses_a_config_that_changes_what_the_run_computes(tmp_path):
     train(MATRIX, out=tmp_path, progress=False, report=False, overrides={"train.stop_after": 4})
     changed = {**MATRIX, "optimizer": {"preset": "signmuon", "groups": {"hidden": {"lr": 0.5}}}}
+    # the run directory's config.yaml is checked before any worker starts
+    with pytest.raises(ConfigError, match=r"cannot resume: the run config differs from the one in "
+                       r".*config.yaml \(optimizer.groups.0.lr: 0.02 -> 0.5\)"):
+        train(changed, out=tmp_path, progress=False, report=False, resume=True)
+    # and each checkpoint's own copy of the config, should config.yaml be gone
+    (tmp_path / "config.yaml").unlink()
     with pytest.raises(ConfigError, match=r"cannot resume: the run config differs from the one that wrote the "
                        r"checkpoint at step 3 \(optimizer.groups.0.lr: 0.02 -> 0.5\)"):
         train(changed, out=tmp_path, progress=False, report=False, resume=True)

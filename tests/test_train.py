@@ -77,6 +77,8 @@ def test_compare_writes_one_table_and_plots(comparison, capsys):
     for m in METHODS:
         assert m in table
     assert "bytes to" in table and "time to" in table and "eval acc" in table
+    # an MNIST-1D run overfits: the table reports the best eval loss (and its step) next to the final one
+    assert "final eval loss" in table and "best eval loss" in table and "best at step" in table
     assert (out / "compare.png").read_bytes().startswith(PNG)
     for m in METHODS:
         assert (out / m / "curves.png").read_bytes().startswith(PNG)
@@ -84,6 +86,11 @@ def test_compare_writes_one_table_and_plots(comparison, capsys):
         assert cfg["optimizer"] == m and cfg["train"]["seed"] == 0 and cfg["train"]["nproc"] == 3
     summary = json.loads((out / "compare.json").read_text())
     assert [r["name"] for r in summary["runs"]] == list(METHODS)
+    for r in summary["runs"]:
+        best = min(e["eval_loss"] for e in runs[r["name"]].evals)
+        assert r["best_eval_loss"] == best <= r["final_eval_loss"] == runs[r["name"]].evals[-1]["eval_loss"]
+        assert runs[r["name"]].evals[[e["step"] for e in runs[r["name"]].evals].index(r["best_eval_step"])][
+            "eval_loss"] == best
 
 
 def _write(path: Path, data: dict) -> Path:
