@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -120,13 +121,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; a commlmo error prints ``commlmo CMD: error: ...`` and returns 2.
+
+    SIGINT (Ctrl-C) and SIGTERM end a command with one line and ``128 + signal``
+    (130, 143), after every worker it started has stopped.
+    """
+    from .launch import Interrupted, stop_on_signals
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with stop_on_signals():
+            return int(args.func(args) or 0)
     except CommlmoError as exc:
         print(f"commlmo {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        hint = getattr(exc, "hint", None)
+        print(f"\ncommlmo {args.command}: interrupted by {signal.Signals(signum).name}; every worker stopped"
+              + (f"; {hint}" if hint else ""), file=sys.stderr)
+        return 128 + int(signum)
 
 
 if __name__ == "__main__":  # pragma: no cover
