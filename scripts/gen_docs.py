@@ -67,6 +67,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "lr_rule": ("plugins/lr_rules.md", "lr_rule"),
     "compressor": ("plugins/compressors.md", "uplink"),
     "aggregator": ("plugins/aggregators.md", "aggregator"),
+    "rule": ("plugins/rules.md", "rule"),
 }
 
 
@@ -89,6 +90,8 @@ BENCHMARKS = [
               "wall-clock time to a target loss with the loopback shaped to 100 Mbit/s and 1 Gbit/s"),
     Benchmark("mnist1d.md", "MNIST-1D", "mnist1d",
               "accuracy and bytes of signmuon, muon and signsgd on MNIST-1D with 4 workers, with plots"),
+    Benchmark("lm_bytes.md", "Bytes on real language models", "lm_bytes",
+              "bytes per step of every preset with every parameter routed, GPT-2-small shapes and the gpt task"),
     Benchmark("byzantine.md", "Byzantine workers", "byzantine",
               "final loss of vote and mean methods when 2 of 5 workers send flipped, random or zero messages"),
 ]
@@ -326,10 +329,24 @@ def gen_presets(out: Path) -> None:
         except Exception:
             bits = "—"
         rows.append([f"[`{name}`](#{name})", _show(p.lmo), f"`{p.lmo_at}`", _show(p.uplink), _show(p.aggregator),
-                     _show(p.downlink), _show(p.lr_rule), p.lr, bits, p.summary])
+                     _show(p.downlink), _show(p.lr_rule), p.lr, bits, f"`{p.elementwise}`", p.summary])
     head = ["preset", "LMO", "lmo_at", "uplink", "aggregator", "downlink", "lr rule", "lr",
-            "uplink bits / entry", "summary"]
+            "uplink bits / entry", "elementwise", "summary"]
     (out / "presets/table.md").write_text(table(head, rows))
+    from commlmo.config import describe_group
+    from commlmo.presets import ELEMENTWISE
+
+    recipe_rows = []
+    for recipe in ELEMENTWISE:
+        users = [n for n, p in PRESETS.items() if p.elementwise == recipe]
+        cfg = load_config({"preset": users[0] if users else "signmuon", "elementwise": recipe})
+        by_name = {g.name: g for g in cfg.all_groups()}
+        for role, group in cfg.recipe().items():
+            if role != "hidden":
+                recipe_rows.append([f"`{recipe}`", ", ".join(f"`{u}`" for u in users) or "—", f"`{role}`",
+                                    f"`{group}`", cell(describe_group(by_name[group]))])
+    (out / "presets/recipes.md").write_text(
+        table(["elementwise", "default of", "role", "group", "stages"], recipe_rows))
     for name in PRESETS:
         try:
             body = f"```yaml\n# load_config({name!r}).describe()\n{load_config(name).describe()}```\n"
