@@ -67,6 +67,22 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(6)]
     for r in [head, *rows]:
         print("  ".join(f"{str(c):<{w}}" for c, w in zip(r[:6], widths)) + "  " + r[6])
+    # the row is the hidden (matrix) group; every preset is a complete recipe for the other roles
+    from .config import describe_group, load_config
+
+    print("\nWhat each preset does with the other parameters (roles read from the module tree;"
+          " `elementwise: adamw|lion|onebit_adam|signum|scion` picks another recipe):")
+    recipes: dict[str, list[str]] = {}
+    for n in PRESETS:
+        cfg = load_config(n)
+        recipes.setdefault(cfg.elementwise or "-", []).append(n)
+    for recipe, names in recipes.items():
+        cfg = load_config(names[0])
+        by_name = {g.name: g for g in cfg.all_groups()}
+        print(f"\n  elementwise: {recipe}  ({', '.join(names)})")
+        for role, group in cfg.recipe().items():
+            if role != "hidden":
+                print(f"    {role:<9} -> {group:<9} {describe_group(by_name[group])}")
     return 0
 
 
@@ -88,6 +104,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     print(f"# {args.config}: valid")
+    print("# what happens to each kind of parameter (roles read from the module tree):")
+    for line in cfg.describe_recipe().splitlines():
+        print(f"#   {line}")
     print(cfg.describe(), end="")
     return 0
 

@@ -223,6 +223,8 @@ class RankRun:
         # the optimizer aggregates across ranks itself, so the model is never wrapped in DDP
         adversary = tc.adversaries.mode_of(rank) if tc.adversaries is not None else None
         self.opt = build_optimizer(self.model, cfg.optimizer_config(), adversary=adversary)
+        if rank == 0:
+            self._report_routing()
         self.scheduler = tc.schedule.scheduler(self.opt, tc.steps)
         self.comparable = _comparable(cfg, self.opt)
         self.fingerprint = checkpoint.config_fingerprint(self.comparable)
@@ -231,6 +233,18 @@ class RankRun:
         self.writer: MetricsWriter | None = None
         self.bar: Any = None
         self.stopped_after: int | None = None
+
+    def _report_routing(self) -> None:
+        """Where every parameter went: one line per group here, every tensor in ``<out>/routing.txt``."""
+        full = self.opt.describe_routing()
+        lines = [ln for ln in full.splitlines() if not ln.startswith(" ")]
+        where = ""
+        if self.out_dir:
+            path = Path(self.out_dir) / "routing.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(full + "\n")
+            where = f" (every tensor: {path})"
+        print(f"commlmo: routing{where}:\n" + "\n".join(f"  {ln}" for ln in lines), flush=True)
 
     def _build_task(self) -> tuple[Task, torch.nn.Module]:
         """Rank 0 prepares shared files (a generated dataset) first; every rank then builds the same model."""
