@@ -235,13 +235,13 @@ class GroupConfig(_Model):
 
     @model_validator(mode="after")
     def _compatible(self) -> GroupConfig:
+        if self.rule is not None and self.lmo is not None:
+            raise ValueError(f"rule {self.rule.kind!r} is an element-wise update rule: it replaces the LMO; "
+                             f"set lmo: null (got lmo {self.lmo.kind!r})")
         if self.lmo is None and self.lmo_at != "none":
             raise ValueError(f"lmo is null but lmo_at is {self.lmo_at!r}; set lmo_at: none, or name an lmo")
         if self.lmo is not None and self.lmo_at == "none":
             raise ValueError(f"lmo_at is 'none' but lmo is {self.lmo.kind!r}; set lmo: null or lmo_at: worker|server")
-        if self.rule is not None and self.lmo is not None:
-            raise ValueError(f"rule {self.rule.kind!r} is an element-wise update rule: it replaces the LMO; "
-                             f"set lmo: null (got lmo {self.lmo.kind!r})")
         if self.rule is not None and self.momentum is not None:
             raise ValueError(f"rule {self.rule.kind!r} keeps its own moments; set momentum: null")
         # Declared capabilities only: validating a config builds no plugin.

@@ -562,6 +562,50 @@ def gen_benchmarks(out: Path) -> None:
     (out / "benchmarks.md").write_text(table(["benchmark", "what it measures", "command", "recorded"], rows))
 
 
+# --------------------------------------------------------------------------- reliability
+
+
+def _answer(call: Any) -> tuple[str, str]:
+    """``(exception type, message)`` of a bad input's call, as the user sees it today."""
+    try:
+        call()
+    except BaseException as exc:  # noqa: BLE001 - every answer is reported
+        return type(exc).__name__, str(exc)
+    return "—", "accepted (no error)"
+
+
+def gen_reliability(out: Path) -> None:
+    """``reliability/bad_inputs.md``: every bad input of the test tables, run now, with the answer it gets."""
+    import importlib.util
+
+    tests = Path(__file__).resolve().parents[1] / "tests"
+    sys.path.insert(0, str(tests))
+    rows = []
+    try:
+        for module, table_name, test in (
+            ("test_bad_inputs", "BAD", "test_bad_input_gets_a_specific_error"),
+            ("test_config", "BAD_CONFIGS", "test_bad_config_names_field_value_and_allowed"),
+        ):
+            spec = importlib.util.spec_from_file_location(module, tests / f"{module}.py")
+            mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+            spec.loader.exec_module(mod)  # type: ignore[union-attr]
+            from commlmo import load_config
+
+            for row in getattr(mod, table_name):
+                call = row[1] if callable(row[1]) else (lambda cfg=row[1]: load_config(cfg))
+                kind, message = _answer(call)
+                shown = " / ".join(line.strip() for line in message.splitlines() if line.strip())
+                shown = shown if len(shown) <= 260 else shown[:257] + "..."
+                rows.append([cell(row[0]), f"`{kind}`", cell(shown), f"`tests/{module}.py::{test}[{row[0]}]`"])
+    except Exception as exc:  # the docs still build where the tests cannot run
+        _problem("the bad-input table (tests/test_bad_inputs.py, tests/test_config.py)", exc)
+    finally:
+        sys.path.remove(str(tests))
+    (out / "reliability").mkdir(exist_ok=True)
+    text = f"{len(rows)} bad inputs, each run while these docs were built:\n\n"
+    (out / "reliability/bad_inputs.md").write_text(text + table(["bad input", "error", "what the user reads", "pinned by"], rows))
+
+
 # --------------------------------------------------------------------------- whole pages
 
 #: modules with a page of their own under reference/api/ (besides ``commlmo``, on reference/api/index.md)
@@ -592,7 +636,7 @@ def generate(out: Path) -> list[str]:
     for sub in ("plugins", "presets", "config", "author"):
         (out / sub).mkdir(parents=True)
     for step in (gen_plugins, gen_presets, gen_config_reference, gen_run_config, gen_cli, gen_plugin_author,
-                 gen_benchmarks):
+                 gen_benchmarks, gen_reliability):
         step(out)
     return list(problems)
 

@@ -70,6 +70,29 @@ def _write(text):
     return path
 
 
+def _write_bytes(data: bytes):
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.mkdtemp()) / "bad.yaml"
+    path.write_bytes(data)
+    return path
+
+
+def _alias_bomb() -> str:
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for i in range(1, 9):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
+    return "\n".join(lines) + "\ngroups: [{name: a}]\n"
+
+
+def _group_cfg(**fields):
+    return {"groups": [{"name": "a", **fields}]}
+
+
+_shared = torch.nn.Parameter(torch.randn(4, 3))
+
+
 def _compress(cfg, x, generator=None):
     return build_plugin("compressor", cfg).compress(x, generator=generator)
 
@@ -137,6 +160,55 @@ BAD = [
      DistributedError, ["int8", "127", "world size is 128", "transport: owner"]),
     ("process group without torch.distributed", lambda: commlmo.comm.make_communicator(object()), DistributedError,
      ["not initialised"]),
+    # values that would run but cannot be right: refused, not coerced (each passed validation before)
+    ("infinite lr", lambda: load_config(_group_cfg(lr=float("inf"))), ConfigError, ["groups.a.lr", "inf", "finite"]),
+    ("nan weight decay", lambda: load_config(_group_cfg(weight_decay=float("nan"))), ConfigError,
+     ["groups.a.weight_decay", "nan", "finite"]),
+    ("lr true", lambda: load_config(_group_cfg(lr=True)), ConfigError, ["groups.a.lr", "True", "got bool", "nothing is coerced"]),
+    ("lr as a string", lambda: load_config(_group_cfg(lr="0.01")), ConfigError, ["groups.a.lr", "'0.01'", "got str"]),
+    ("seed past the generators", lambda: load_config({**_group_cfg(), "seed": 10**30}), ConfigError,
+     ["seed", "1000000000000000000000000000000", "less than 2147483648"]),
+    ("fallback LBFGS", lambda: load_config({**_group_cfg(), "fallback": {"optimizer": "LBFGS"}}), ConfigError,
+     ["fallback.optimizer = 'LBFGS'", "allowed: AdamW", "adamw | lion | onebit_adam"]),
+    ("fallback SparseAdam", lambda: load_config({**_group_cfg(), "fallback": {"optimizer": "SparseAdam"}}), ConfigError,
+     ["fallback.optimizer = 'SparseAdam'", "pipeline group"]),
+    ("binary config file", lambda: load_config(_write_bytes(b"\xff\xfe\x00garbage")), ConfigError, ["not UTF-8 text", "byte 0"]),
+    ("NUL bytes in a config file", lambda: load_config(_write_bytes(b"groups: []\x00")), ConfigError, ["NUL bytes"]),
+    ("YAML alias bomb", lambda: load_config(_write(_alias_bomb())), ConfigError, ["expands to more than 100,000 values"]),
+    ("unknown element-wise recipe", lambda: load_config({"preset": "signmuon", "elementwise": "adam"}), ConfigError,
+     ["elementwise = 'adam'", "did you mean 'adamw'", "allowed:"]),
+    ("rule and lmo together", lambda: load_config(_group_cfg(rule={"kind": "lion"}, lmo={"kind": "spectral"})),
+     ConfigError, ["rule 'lion'", "replaces the LMO", "lmo: null"]),
+    ("rule and momentum together", lambda: load_config(_group_cfg(rule={"kind": "adamw"}, momentum={"beta": 0.9})),
+     ConfigError, ["keeps its own moments", "momentum: null"]),
+    ("lion beta of one", lambda: load_config(_group_cfg(rule={"kind": "lion", "betas": [0.9, 1.0]})), ConfigError,
+     ["invalid rule 'lion'", "betas", "less than 1"]),
+    ("negative 1-bit Adam warm-up", lambda: load_config(_group_cfg(rule={"kind": "onebit_adam", "warmup": -1})),
+     ConfigError, ["invalid rule 'onebit_adam'", "warmup"]),
+    ("a view of one block", lambda: load_config(_group_cfg(view={"kind": "blocks", "blocks": 1})), ConfigError,
+     ["view", "blocks >= 2"]),
+    ("blocks that do not divide", lambda: build_optimizer([("qkv", torch.nn.Parameter(torch.randn(7, 4)))],
+                                                          _group_cfg(view={"kind": "blocks", "blocks": 3})),
+     ConfigError, ["groups.a: parameter 'qkv'", "blocks=3 must divide dim 0 of shape (7, 4)"]),
+    ("a stack view of a matrix", lambda: build_optimizer([("w", torch.nn.Parameter(torch.randn(7, 4)))],
+                                                         _group_cfg(view={"kind": "stack"})),
+     ConfigError, ["parameter 'w'", "view 'stack' needs a tensor of 3 or more dimensions"]),
+    ("abstaining ties on the int8 transport", lambda: build_optimizer([("w", torch.nn.Parameter(torch.randn(7, 4)))], {
+        "preset": "signmuon", "groups": {"hidden": {"aggregator": {"kind": "majority_vote", "transport": "int8",
+                                                                   "ties": "abstain"}}}}, process_group=_MirrorWorld(2)),
+     DistributedError, ["ties='abstain'", "owner and allgather"]),
+    ("a parameter passed twice", lambda: build_optimizer([("a", _shared), ("b", _shared)], "muon"), ConfigError,
+     ["'b' is the same tensor as 'a'", "updated twice"]),
+    ("two parameters with one name", lambda: build_optimizer(
+        [("a", torch.nn.Parameter(torch.randn(3, 3))), ("a", torch.nn.Parameter(torch.randn(3, 3)))], "muon"),
+     ConfigError, ["both named 'a'"]),
+    ("a state dict of another config", lambda: build_optimizer(_linear(), "ef21muon").load_state_dict(
+        build_optimizer(_linear(), "signmuon").state_dict()), ConfigError,
+     ["cannot load this optimizer state", "nothing was changed"]),
+    ("a torch optimizer's state dict", lambda: build_optimizer(_linear(), "signmuon").load_state_dict(
+        torch.optim.SGD(_linear().parameters(), lr=0.1).state_dict()), ConfigError, ["not saved by a commlmo optimizer"]),
+    ("verify_every true", lambda: load_config({**_group_cfg(), "verify_every": True}), ConfigError,
+     ["verify_every", "True", "got bool"]),
 ]
 
 
