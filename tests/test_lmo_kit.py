@@ -33,15 +33,11 @@ REPRESENTATIVE: dict[str, list] = {
                  {"kind": "spectral", "dtype": "float32", "batch": False}],
 }
 
-# Defects the kit finds in the built-ins (lmos/commlmo_lmos), pinned below as strict xfails so
-# that fixing them shows up: the norms accumulate squares in float32, which overflow for the
-# `huge` pattern (|G| ~ 4e28: dual_norm = inf, direction = 0) and underflow for `tiny`
-# (|G| ~ 5e-29: columns whose norm underflows get a zero direction); Newton-Schulz divides
-# by an overflowing ||G||_F (direction = 0, like torch.optim.Muon).
-KNOWN_RANGE_DEFECTS: dict[str, tuple[str, ...]] = {
-    "colnorm": ("tiny", "huge"), "rownorm": ("tiny", "huge"), "bias_rms": ("tiny", "huge"),
-    "euclidean": ("tiny", "huge"), "spectral": ("huge",),
-}
+# Defects the kit found in the built-ins and that are fixed: the norms accumulated squares in
+# float32, which overflowed for the `huge` pattern (|G| ~ 4e28: dual_norm = inf, direction = 0)
+# and underflowed for `tiny` (|G| ~ 5e-29); Newton-Schulz divided by an overflowing ||G||_F
+# (direction = 0, as torch.optim.Muon).  Nothing is known to fail today.
+KNOWN_RANGE_DEFECTS: dict[str, tuple[str, ...]] = {}
 
 
 def _defects(config) -> tuple[str, ...]:

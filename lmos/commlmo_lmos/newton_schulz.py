@@ -103,6 +103,14 @@ def newton_schulz(
         x = x.mT
     # For a single matrix this is torch.optim.Muon's reduction, so rounding agrees bitwise.
     norm = x.norm() if x.ndim == 2 else torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
+    # |G| ~ 1e20 overflows ||G||_F (torch.optim.Muon then returns 0): where it does, normalise
+    # G / max|G| instead; elsewhere the result is the plain reduction's, bit for bit (no host sync)
+    big = x.abs().amax(dim=(-2, -1), keepdim=True) if x.ndim == 3 else x.abs().amax()
+    rescaled = x / torch.where(big > 0, big, torch.ones_like(big))
+    norm2 = rescaled.norm() if x.ndim == 2 else torch.linalg.vector_norm(rescaled, dim=(-2, -1), keepdim=True)
+    finite = torch.isfinite(norm)
+    x = torch.where(finite, x, rescaled)
+    norm = torch.where(finite, norm, norm2)
     x = x / (norm.clamp(min=eps) if schedule.safety == 1.0 else norm * schedule.safety + eps)
     fused = torch.addmm if x.ndim == 2 else torch.baddbmm
     for a, b, c in schedule.take(steps):

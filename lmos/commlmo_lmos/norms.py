@@ -6,7 +6,9 @@ models with norm-constrained LMOs", arXiv 2502.07529; code: LIONS-EPFL/scion,
 per-layer radius.  Here every LMO returns the direction on the *unit* ball of
 its norm; Scion's shape-dependent radii (``sqrt(d_out)``, ``1/sqrt(d_in)``...)
 live in the ``scion`` learning-rate rule.  Scion divides by ``norm + 1e-8``;
-here zero columns/rows/tensors get a zero direction and others are exact.
+here zero columns/rows/tensors get a zero direction and others are exact: norms are
+taken of the slice divided by its largest entry, so float32 squares neither overflow
+nor underflow (found by :func:`commlmo.testing.check_lmo`).
 
 Matrices are ``out x in`` (conv kernels viewed as ``out x (in*kh*kw)``): a
 *column* holds the weights leaving one input unit, a *row* those entering one
@@ -35,15 +37,23 @@ class _SliceNorm(LMO):
     capabilities: ClassVar[LMOCapabilities] = LMOCapabilities(min_ndim=2)
     _reduce_dim: ClassVar[int]  # 0: norms of columns, 1: norms of rows
 
-    def _slice_norms(self, x: Tensor) -> Tensor:
+    def _scaled(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x / s, s)`` with ``s`` the largest |entry| of each slice (1 for zero slices), so that
+        squares neither overflow (|x| ~ 1e28) nor underflow (|x| ~ 1e-29) in the accumulation."""
         check_ndim(self, x)
-        return torch.linalg.vector_norm(
-            as_matrix(x), dim=self._reduce_dim, keepdim=True, dtype=accumulation_dtype(x.dtype)
-        )
+        m = as_matrix(x).to(accumulation_dtype(x.dtype))
+        s = m.abs().amax(dim=self._reduce_dim, keepdim=True)
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        return m / s, s
+
+    def _slice_norms(self, x: Tensor) -> Tensor:
+        unit, s = self._scaled(x)
+        return torch.linalg.vector_norm(unit, dim=self._reduce_dim, keepdim=True) * s
 
     def direction(self, g: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
-        norms = self._slice_norms(g)  # checks the rank first
-        return divide_or_zero(as_matrix(g), norms).reshape(g.shape).to(g.dtype)
+        unit, _ = self._scaled(g)  # checks the rank first
+        norms = torch.linalg.vector_norm(unit, dim=self._reduce_dim, keepdim=True)
+        return divide_or_zero(unit, norms).reshape(g.shape).to(g.dtype)
 
     def norm(self, d: Tensor) -> Tensor:
         return self._slice_norms(d).amax()
@@ -85,12 +95,21 @@ class _ScaledEuclidean(LMO):
     def _radius(self, numel: int) -> float:
         raise NotImplementedError
 
-    def _l2(self, x: Tensor) -> Tensor:
+    def _scaled(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x / s, s)``, ``s`` the largest |entry| (1 for zero): no overflow or underflow of squares."""
         check_ndim(self, x)
-        return torch.linalg.vector_norm(x, dtype=accumulation_dtype(x.dtype))
+        m = x.to(accumulation_dtype(x.dtype))
+        s = m.abs().amax() if m.numel() else torch.ones((), dtype=m.dtype, device=m.device)
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        return m / s, s
+
+    def _l2(self, x: Tensor) -> Tensor:
+        unit, s = self._scaled(x)
+        return torch.linalg.vector_norm(unit) * s
 
     def direction(self, g: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
-        return (self._radius(g.numel()) * divide_or_zero(g, self._l2(g))).to(g.dtype)
+        unit, _ = self._scaled(g)
+        return (self._radius(g.numel()) * divide_or_zero(unit, torch.linalg.vector_norm(unit))).to(g.dtype)
 
     def norm(self, d: Tensor) -> Tensor:
         return self._l2(d) / self._radius(d.numel())
