@@ -475,7 +475,9 @@ def _report_compare(runs: list[RunResult], out: Path, target: float, configs: li
     for run in runs:
         plot_run(run, run.path / "curves.png")
     c0 = configs[0]
-    title = (f"{c0.task.kind} ({getattr(c0.task, 'model', '')}), {c0.train.nproc} workers, "
+    detail = getattr(c0.task, "model", None) or (
+        f"vocab {c0.task.vocab}, width {c0.task.width}, {c0.task.layers} layers" if c0.task.kind == "gpt" else None)
+    title = (f"{c0.task.kind}{f' ({detail})' if detail else ''}, {c0.train.nproc} workers, "
              f"{c0.train.steps} steps, global batch {c0.train.global_batch}, seed {c0.train.seed}")
     png = plot_compare(runs, out / "compare.png", target=target, title=title)
     table = compare_table(runs, target)
