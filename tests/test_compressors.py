@@ -493,3 +493,19 @@ def test_blocked_topk_sends_block_local_16_bit_indices(shape):
     assert int(kept.sum()) == values.numel()
     torch.testing.assert_close(y[kept], x[kept])
     check_compressor(c, max_examples=10)
+
+
+def test_native_kernels_refuse_tensors_that_are_not_plain_and_the_eager_path_takes_them():
+    """FSDP2 segfaulted: the C kernels read a DTensor's data_ptr(). Subclasses, views and meta tensors go eager."""
+    from commlmo_compressors import _native
+
+    class Wrapped(torch.Tensor):  # stands in for DTensor and other tensor subclasses
+        pass
+
+    x = torch.randn(64, 8)
+    assert _native.available(x.t()) is None
+    assert _native.available(torch.empty(8, device="meta")) is None
+    sub = x.clone().as_subclass(Wrapped)
+    assert _native.available(sub) is None
+    sign = build_plugin("compressor", {"kind": "sign", "zero": "positive"})
+    assert torch.equal(sign.compress(sub).wire[0], sign.compress(x).wire[0])

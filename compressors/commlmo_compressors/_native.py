@@ -137,9 +137,26 @@ def kernels() -> ctypes.CDLL | None:
         return lib
 
 
+def _plain(t: torch.Tensor) -> bool:
+    """A plain, dense, contiguous CPU tensor with real storage: what a ``data_ptr()`` kernel may read.
+
+    Tensor subclasses (DTensor, FSDP2's sharded parameters, fake and meta tensors,
+    functorch wrappers) report a ``data_ptr`` that is not their data; they take the
+    eager torch path, which dispatch handles.
+    """
+    return (
+        type(t) is torch.Tensor
+        and t.layout == torch.strided
+        and t.device.type == "cpu"
+        and t.is_contiguous()
+        and not t.is_meta
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    )
+
+
 def available(*tensors: torch.Tensor) -> ctypes.CDLL | None:
-    """The kernels if every tensor is a contiguous CPU tensor, else ``None``."""
-    if not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors):
+    """The kernels if every tensor is a plain contiguous CPU tensor (see :func:`_plain`), else ``None``."""
+    if not all(_plain(t) for t in tensors):
         return None
     return kernels()
 
