@@ -199,6 +199,8 @@ def test_third_party_aggregator_runs_in_an_optimizer_and_broken_plugin_errors_na
         before = model.weight.detach().clone()
         opt.step()
         assert not torch.equal(before, model.weight)
+        from commlmo.testing import check_aggregator  # the median as its entry point loads it
+        print("median kit:", check_aggregator("median", world_sizes=(1, 3), examples=1).checked)
         try:
             commlmo.build_plugin("compressor", {"kind": "broken"})
         except PluginLoadError as exc:
@@ -208,3 +210,4 @@ def test_third_party_aggregator_runs_in_an_optimizer_and_broken_plugin_errors_na
     assert result.returncode == 0, result.stderr
     assert "ERR compressor plugin 'broken' from distribution commlmo-broken-example 0.0.1 failed to import" in result.stdout
     assert "topk still loads: TopK" in result.stdout
+    assert "median kit: ['count', " in result.stdout and "'reference', 'state', 'robust']" in result.stdout

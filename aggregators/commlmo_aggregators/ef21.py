@@ -26,7 +26,7 @@ from torch import Tensor
 from commlmo.plugin import Aggregator, AggregatorCapabilities, Compressor, PluginConfig
 from commlmo.transport import mean_of_payloads
 
-from .mean import pick_mean_transport, transport_problem
+from .mean import average, pick_mean_transport, transport_problem
 
 __all__ = ["EF21", "EF21Config", "damping"]
 
@@ -72,6 +72,15 @@ class EF21(Aggregator):
             codec.decompress_add_(s["ef21_local"], p, alpha=damp)
             s["ef21_global"].add_(mean, alpha=damp)
         return [s["ef21_global"] for s in states]
+
+    @staticmethod
+    def reference(messages_per_worker, config, *, codecs: Sequence[Compressor] | None = None) -> list[Tensor]:
+        """The first step on one process (for the contract kit): ``g_i = 0``, so ``g = d * mean_i C(v_i)``
+        with ``d`` the damping of each parameter's uplink (1 when ``codecs`` is not given)."""
+        means = average(messages_per_worker)
+        if codecs is None:
+            return means
+        return [(m.double() * damping(c, m.shape)).to(m.dtype) for m, c in zip(means, codecs)]
 
 
 def damping(uplink: Compressor, shape: torch.Size) -> float:

@@ -27,7 +27,7 @@ from torch import Tensor
 from commlmo.plugin import Aggregator, AggregatorCapabilities, Compressor, PluginConfig
 from commlmo.transport import mean_of_payloads
 
-from .mean import pick_mean_transport, transport_problem
+from .mean import average, pick_mean_transport, transport_problem
 
 __all__ = ["ErrorFeedback", "ErrorFeedbackConfig"]
 
@@ -67,3 +67,8 @@ class ErrorFeedback(Aggregator):
             err.copy_(msg)
             codec.decompress_add_(err, p, alpha=-1.0)
         return means
+
+    @staticmethod
+    def reference(messages_per_worker, config) -> list[Tensor]:
+        """The first step on one process (for the contract kit): ``e_i = 0``, so ``A = mean_i C(v_i)``."""
+        return average(messages_per_worker)

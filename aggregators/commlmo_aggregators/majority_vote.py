@@ -129,6 +129,19 @@ class MajorityVote(Aggregator):
         return out
 
     @staticmethod
+    def reference(messages_per_worker: Sequence[Sequence[Tensor]], config: MajorityVoteConfig) -> list[Tensor]:
+        """The definition on one process (for the contract kit): ``sign(sum_i sign(m_i))`` of the decoded
+        messages; a tie is 0 under ``ties: abstain`` and NaN (either sign is right) under ``ties: random``."""
+        out = []
+        for per in zip(*messages_per_worker):
+            total = torch.stack([m.double().sign() for m in per]).sum(0)
+            voted = total.sign()
+            if config.ties == "random":
+                voted = voted.masked_fill(total == 0, float("nan"))
+            out.append(voted.to(per[0].dtype))
+        return out
+
+    @staticmethod
     def _int8_vote(payloads, uplink, comm, tie: Tensor | None, label: str) -> Tensor:
         """The SignMuon paper's one integer all-reduce: sum +-1 votes in int8, then repack."""
         dense = [uplink.decompress(p) for p in payloads]

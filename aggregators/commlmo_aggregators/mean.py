@@ -7,12 +7,13 @@ from typing import Literal
 
 from pydantic import Field
 
+import torch
 from torch import Tensor
 
 from commlmo.plugin import Aggregator, Compressor, CompressorCapabilities, Payload, PluginConfig
 from commlmo.transport import cheapest, mean_of_payloads
 
-__all__ = ["Mean", "MeanConfig", "pick_mean_transport", "transport_problem"]
+__all__ = ["Mean", "MeanConfig", "average", "pick_mean_transport", "transport_problem"]
 
 MeanTransport = Literal["auto", "owner", "allreduce", "allgather"]
 
@@ -45,6 +46,11 @@ def pick_mean_transport(
     return transport
 
 
+def average(messages_per_worker: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+    """Per parameter, the average over workers of their messages (in float64, then each message's dtype)."""
+    return [torch.stack([m.double() for m in per]).mean(0).to(per[0].dtype) for per in zip(*messages_per_worker)]
+
+
 def transport_problem(transport: str, uplink_kind: str, uplink: CompressorCapabilities) -> str | None:
     """``None`` if ``transport`` can carry the uplink's payloads, else why not (for ``check_uplink``)."""
     try:
@@ -75,3 +81,8 @@ class Mean(Aggregator):
     def aggregate(self, payloads: Sequence[Payload], messages, states, *, codecs, comm, generators, transport,
                   label) -> list[Tensor]:
         return mean_of_payloads(payloads, codecs, comm, transport=transport, label=f"{label}/mean")  # type: ignore[arg-type]
+
+    @staticmethod
+    def reference(messages_per_worker: Sequence[Sequence[Tensor]], config: MeanConfig) -> list[Tensor]:
+        """The definition on one process (for the contract kit): the average of the decoded messages."""
+        return average(messages_per_worker)

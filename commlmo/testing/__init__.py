@@ -24,8 +24,16 @@ Check an LMO the same way: ``check_lmo(MyLMO())`` tests duality
 invariance, shapes and dtypes, no mutation, determinism and ``directions``
 (see :mod:`commlmo.testing.lmo_kit`; approximate LMOs declare an
 :class:`LMOTolerance`).
+
+Check an aggregator on simulated workers: ``check_aggregator(MyAggregator(),
+uplink="identity")`` runs ``message -> compress -> aggregate`` on 1, 2 and 3
+workers and tests the result count, shapes, dtypes, finiteness, bitwise
+agreement of the ranks, the plugin's own single-process ``reference``, that a
+failed collective leaves the state unchanged, and the attacks it declares in
+``capabilities.robust`` (see :mod:`commlmo.testing.aggregator_kit`).
 """
 
+from .aggregator_kit import AggregatorContractError, AggregatorKitNote, AggregatorReport, check_aggregator
 from .contract import check_compressor
 from .lmo_kit import LMOContractError, LMOTolerance, check_lmo, declared_tolerance
 from .strategies import (
@@ -38,11 +46,15 @@ from .strategies import (
 )
 
 __all__ = [
+    "AggregatorContractError",
+    "AggregatorKitNote",
+    "AggregatorReport",
     "DTYPES",
     "PATTERNS",
     "LMOContractError",
     "LMOTolerance",
     "TensorExample",
+    "check_aggregator",
     "check_compressor",
     "check_lmo",
     "declared_tolerance",
