@@ -153,9 +153,12 @@ def test_paper_presets_with_their_head_on_adamw_equal_the_dense_reference(method
     if commlmo.PRESETS[method].lmo is not None:
         cfg["groups"]["hidden"]["lmo"] = {"kind": "spectral", "dtype": "float32"}
 
+    torch.manual_seed(5)  # once, here: worker threads share torch's global generator
+    init = torch.nn.Sequential(torch.nn.Linear(7, 12, bias=False), torch.nn.Linear(12, 3)).state_dict()
+
     def worker(rank, comm):
-        torch.manual_seed(5)
         model = torch.nn.Sequential(torch.nn.Linear(7, 12, bias=False), torch.nn.Linear(12, 3))
+        model.load_state_dict(init)
         opt = build_optimizer(model, cfg, process_group=comm)
         assert opt.routing() == {"hidden": ["0.weight"], "head": ["1.weight"], "vector": ["1.bias"]}
         for step in steps:
@@ -165,8 +168,8 @@ def test_paper_presets_with_their_head_on_adamw_equal_the_dense_reference(method
         return [p.detach().clone() for p in model.parameters()]
 
     results = simulate(workers, worker)
-    torch.manual_seed(5)
     model = torch.nn.Sequential(torch.nn.Linear(7, 12, bias=False), torch.nn.Linear(12, 3))
+    model.load_state_dict(init)
     ref = Reference(method, model[0].weight.detach(), workers, lr=0.05)
     head = [model[1].weight, model[1].bias]
     adamw = torch.optim.AdamW(head, lr=1e-3, weight_decay=0.0)

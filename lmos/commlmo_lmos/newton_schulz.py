@@ -80,6 +80,13 @@ POLAR_EXPRESS = QuinticSchedule(
 SCHEDULES: dict[str, QuinticSchedule] = {"jordan": JORDAN, "polar_express": POLAR_EXPRESS}
 
 
+def _rescaled(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(X / max|X|, ||X / max|X| ||_F)`` per matrix: a Frobenius norm that cannot overflow."""
+    big = x.abs().amax(dim=(-2, -1), keepdim=True) if x.ndim == 3 else x.abs().amax()
+    unit = x / torch.where(big > 0, big, torch.ones_like(big))
+    return unit, (unit.norm() if x.ndim == 2 else torch.linalg.vector_norm(unit, dim=(-2, -1), keepdim=True))
+
+
 def newton_schulz(
     g: Tensor,
     *,
@@ -103,14 +110,17 @@ def newton_schulz(
         x = x.mT
     # For a single matrix this is torch.optim.Muon's reduction, so rounding agrees bitwise.
     norm = x.norm() if x.ndim == 2 else torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
-    # |G| ~ 1e20 overflows ||G||_F (torch.optim.Muon then returns 0): where it does, normalise
-    # G / max|G| instead; elsewhere the result is the plain reduction's, bit for bit (no host sync)
-    big = x.abs().amax(dim=(-2, -1), keepdim=True) if x.ndim == 3 else x.abs().amax()
-    rescaled = x / torch.where(big > 0, big, torch.ones_like(big))
-    norm2 = rescaled.norm() if x.ndim == 2 else torch.linalg.vector_norm(rescaled, dim=(-2, -1), keepdim=True)
-    finite = torch.isfinite(norm)
-    x = torch.where(finite, x, rescaled)
-    norm = torch.where(finite, norm, norm2)
+    # |G| ~ 1e20 overflows ||G||_F (torch.optim.Muon then returns 0): there, normalise G / max|G|
+    # first; elsewhere the result is the plain reduction's, bit for bit.  On the CPU the check
+    # is a free host read; on an accelerator it is branch-free, so it never synchronises.
+    if norm.device.type == "cpu":
+        if not bool(torch.isfinite(norm).all()):
+            x, norm = _rescaled(x)
+    else:
+        rescaled, norm2 = _rescaled(x)
+        finite = torch.isfinite(norm)
+        x = torch.where(finite, x, rescaled)
+        norm = torch.where(finite, norm, norm2)
     x = x / (norm.clamp(min=eps) if schedule.safety == 1.0 else norm * schedule.safety + eps)
     fused = torch.addmm if x.ndim == 2 else torch.baddbmm
     for a, b, c in schedule.take(steps):
