@@ -4,17 +4,27 @@ Build it with :func:`build_optimizer`::
 
     opt = commlmo.build_optimizer(model, "signmuon")          # preset
     opt = commlmo.build_optimizer(model, "examples/torch_muon.yaml")
+    opt = commlmo.build_optimizer([{"params": model.wte.parameters(), "group": "embedding", "lr": 1e-3},
+                                   {"params": model.blocks.parameters()}], "signmuon")   # torch-style groups
 
 Call ``loss.backward()`` on each rank's own batch, then ``opt.step()``: the
 optimizer aggregates the workers' messages itself, so the model must *not* be
-wrapped in ``DistributedDataParallel``.  Without an initialised process group it
-runs on one process and calls no collective.
+wrapped in ``DistributedDataParallel`` (refused at build time, and detected at
+the next step when the model is wrapped afterwards).  Without an initialised
+process group it runs on one process and calls no collective; built before
+``init_process_group`` under a launcher (``WORLD_SIZE`` > 1) it refuses to step.
 
 Conventions from ``torch.optim``: ``param_groups`` (one per non-empty pipeline
-group, the fallback group included, with ``params`` and ``param_names``), lazily
-created ``state[p]``, ``state_dict``/``load_state_dict`` (momentum, error-feedback
-buffers, rule moments, random generators; a state of another config or model is
-refused and changes nothing), closures.  ``opt.routing()`` and
+group, the fallback group included, with ``params`` and ``param_names``, and
+one more per :meth:`~CommOptimizer.add_param_group` or torch-style group that
+overrides ``lr``/``weight_decay``), ``defaults`` with the hyperparameters LR
+schedulers read (``lr``, ``weight_decay``, ``momentum``; ``betas`` when every
+group's rule has them), lazily created ``state[p]``,
+``state_dict``/``load_state_dict`` (momentum, error-feedback buffers, rule
+moments, random generators; a state of another config or model is refused and
+changes nothing; ``torch.distributed.checkpoint.state_dict`` round-trips it too),
+closures, and ``torch.amp.GradScaler`` (``step`` is always called and agrees on
+the scaler's inf check across ranks).  ``opt.routing()`` and
 ``opt.describe_routing()`` say where each parameter went.
 """
 
@@ -23,20 +33,34 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from collections.abc import Iterable
+import math
+import os
+import weakref
+from collections.abc import Iterable, Mapping
+from itertools import chain
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from pydantic import ValidationError
 from torch import Tensor
 
 from .comm import Communicator, make_communicator
 from .config import OptimizerConfig, ViewConfig, describe_group, load_config
-from .errors import ConfigError, DistributedError, NonFiniteGradientError
+from .errors import ConfigError, DistributedError, NonFiniteGradientError, did_you_mean
 from .consistency import check_layout, verify_parameters
 from .pipeline import Adversary, GroupRuntime
 from .routing import parameter_roles, parameter_views, role_by_shape
 
 __all__ = ["CommOptimizer", "build_optimizer", "named_parameters_of"]
+
+#: the keys a torch-style param-group dict may hold (``build_optimizer`` and ``add_param_group``)
+GROUP_KEYS = ("params", "param_names", "group", "lr", "weight_decay")
+#: the per-parameter state keys that carry each group's random generators in a state dict
+_GEN_KEYS = ("commlmo_generator_shared", "commlmo_generator_local")
+#: the number of bytes a non-finite flag takes in the step's agreement: 1 = a NaN/Inf gradient, 2 = a grad
+#: scaler found one (all ranks skip, whatever ``nonfinite`` says: the scaler backs off and retries)
+_NONFINITE, _SCALER_INF = 1, 2
 
 
 def named_parameters_of(model_or_params: Any) -> list[tuple[str, Tensor]]:
@@ -65,7 +89,8 @@ def named_parameters_of(model_or_params: Any) -> list[tuple[str, Tensor]]:
         elif all(isinstance(x, Tensor) for x in items):
             named = [(f"params.{i}", p) for i, p in enumerate(items)]
         else:
-            raise ConfigError("parameters must be a module, (name, tensor) pairs, or tensors")
+            raise ConfigError("parameters must be a module, (name, tensor) pairs, or tensors (or a list of "
+                              "torch-style param-group dicts: {'params': [...], 'group': ..., 'lr': ...})")
     seen: dict[int, str] = {}
     names: set[str] = set()
     for n, p in named:
@@ -86,14 +111,132 @@ def _config_fingerprint(config: OptimizerConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _rate(value: Any, where: str, key: str) -> float:
+    """A param group's ``lr`` or ``weight_decay``: a finite real number >= 0."""
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.requires_grad:
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{where}: {key} = {value!r}; allowed: a finite number >= 0")
+    return float(value)
+
+
+def _group_dict(spec: Any, where: str, group_names: list[str], *, first_index: int) -> tuple[list, dict]:
+    """``([(name, tensor)], overrides)`` of one torch-style param-group dict; refuses what it cannot honour.
+
+    Tensors without a name are named ``params.<i>`` counting from ``first_index``.
+    """
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"{where} must be a dict with 'params', got {type(spec).__name__}")
+    unknown = sorted(set(spec) - set(GROUP_KEYS), key=str)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(repr(k) for k in unknown)}; a commlmo param group takes "
+            f"{', '.join(GROUP_KEYS)}. Other hyperparameters (momentum, betas, eps...) belong to the config "
+            f"group (groups: {', '.join(group_names)}): set them in the optimizer config"
+        )
+    if "params" not in spec:
+        raise ConfigError(f"{where} has no 'params'")
+    params = spec["params"]
+    if isinstance(params, Tensor):
+        params = [params]
+    elif isinstance(params, (set, frozenset)):
+        raise ConfigError(f"{where}: params is a set, whose order changes between runs; pass a list")
+    elif isinstance(params, torch.nn.Module):
+        params = list(params.named_parameters())
+    else:
+        try:
+            params = list(params)
+        except TypeError:
+            raise ConfigError(f"{where}: params must be tensors or (name, tensor) pairs, got "
+                              f"{type(params).__name__}") from None
+    if all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in params) and params:
+        if "param_names" in spec:
+            raise ConfigError(f"{where}: give names either as (name, tensor) pairs or as param_names, not both")
+        named = [(n, p) for n, p in params]
+    elif all(isinstance(x, Tensor) for x in params):
+        names = spec.get("param_names")
+        if names is None:
+            names = [f"params.{first_index + i}" for i in range(len(params))]
+        else:
+            names = list(names)
+            if len(names) != len(params) or not all(isinstance(n, str) for n in names):
+                raise ConfigError(f"{where}: param_names must be one string per parameter "
+                                  f"({len(params)} parameters, {len(names)} names)")
+        named = list(zip(names, params))
+    else:
+        bad = next(x for x in params if not isinstance(x, Tensor))
+        raise ConfigError(f"{where}: params must be tensors or (name, tensor) pairs, got a {type(bad).__name__}")
+    overrides: dict[str, Any] = {}
+    if "group" in spec:
+        name = spec["group"]
+        if name not in group_names:
+            raise ConfigError(f"{where}: group = {name!r} is not a group of this config"
+                              f"{did_you_mean(str(name), group_names)}; its groups are: {', '.join(group_names)}")
+        overrides["group"] = name
+    for key in ("lr", "weight_decay"):
+        if key in spec:
+            overrides[key] = _rate(spec[key], where, key)
+    return named, overrides
+
+
+def _active_ddp() -> Any:
+    """The ``DistributedDataParallel`` whose forward is running now, or ``None``."""
+    return getattr(torch.nn.parallel.DistributedDataParallel, "_active_ddp_module", None)
+
+
+def _ddp_hooked(p: Tensor) -> bool:
+    """Whether a hook DDP registers (compiled/python reducer, delayed all-reduce) sits on ``p``."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    for hooks in (getattr(p, "_backward_hooks", None), getattr(p, "_post_accumulate_grad_hooks", None)):
+        for h in (hooks or {}).values():
+            fn = getattr(h, "func", h)
+            if isinstance(getattr(fn, "__self__", None), ddp) or \
+                    getattr(fn, "__qualname__", "").startswith("DistributedDataParallel."):
+                return True
+    return False
+
+
+class _DDPProbe:
+    """A forward pre-hook on the module an optimizer was built for: notes a forward run inside DDP.
+
+    DDP's reducer leaves nothing on the parameters that Python can see, but it runs
+    the wrapped module's forward inside ``DistributedDataParallel._active_ddp_module``.
+    The probe holds the optimizer weakly and is dropped when the module is copied or pickled.
+    """
+
+    def __init__(self, opt: CommOptimizer):
+        self._ref: Any = weakref.ref(opt)
+
+    def __call__(self, module: torch.nn.Module, args: Any) -> None:
+        ddp = _active_ddp() if self._ref is not None else None
+        if ddp is not None:
+            opt = self._ref()
+            if opt is not None:
+                opt._note_ddp(ddp)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_ref": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._ref = None
+
+
 class CommOptimizer(torch.optim.Optimizer):
     """Communication-efficient layer-wise LMO optimizer described by an :class:`OptimizerConfig`.
 
     Every parameter belongs to a pipeline group (the config's groups, first match
-    wins, then the ``fallback`` group), each with an uplink compressor and an
-    aggregator; ``param_groups`` has one entry per non-empty group, with torch's
-    ``params``/``param_names`` and the group's ``lr``, ``weight_decay`` and ``momentum``.
+    wins, then the ``fallback`` group, unless a torch-style group names one), each
+    with an uplink compressor and an aggregator; ``param_groups`` has one entry per
+    non-empty group (and per ``lr``/``weight_decay`` override), with torch's
+    ``params``/``param_names``, the config group's name under ``group``, and the
+    group's ``lr``, ``weight_decay``, ``momentum`` and, for rules that have them,
+    ``betas``: all read at every step, so schedulers may change them.
     """
+
+    #: ``torch.amp.GradScaler`` always calls :meth:`step` (setting ``grad_scale`` and ``found_inf`` on the
+    #: optimizer) instead of skipping it on a rank that found an inf: the ranks agree on skipping in the
+    #: step's one agreement collective, so no rank is left waiting in a collective the others skipped
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -104,46 +247,142 @@ class CommOptimizer(torch.optim.Optimizer):
         adversary: Adversary | None = None,
         roles: dict[str, str] | None = None,
         views: dict[str, dict] | None = None,
+        overrides: dict[str, dict[str, Any]] | None = None,
     ):
-        self.config, self.comm = config, comm
+        self.config, self.comm, self._adversary = config, comm, adversary
         named = list(named_params)
         roles = dict(roles or {})
+        overrides = dict(overrides or {})
         all_groups = config.all_groups()
-        routed: list[list[tuple[str, Tensor]]] = [[] for _ in all_groups]
         self._roles: dict[str, str] = {}
+        # (config group index, lr, weight_decay) -> members, in order of first appearance
+        buckets: dict[tuple[int, float, float], list[tuple[str, Tensor]]] = {}
         for name, p in named:
             self._check_param(name, p)
             role = roles.get(name) or role_by_shape(name, p)
             self._roles[name] = role
-            for i, g in enumerate(config.groups):
-                if g.params.matches(name, p, role):
-                    routed[i].append((name, p))
-                    break
-            else:
-                routed[-1].append((name, p))
+            o = overrides.get(name, {})
+            gi = self._group_index(o["group"]) if "group" in o else self._route(name, p, role)
+            g = all_groups[gi]
+            buckets.setdefault((gi, o.get("lr", g.lr), o.get("weight_decay", g.weight_decay)), []).append((name, p))
 
-        groups, self._runtimes = [], []
-        for i, (gcfg, members) in enumerate(zip(all_groups, routed)):
+        runtimes: dict[int, GroupRuntime] = {}
+        for gi, gcfg in enumerate(all_groups):
+            members = [m for key, ms in buckets.items() if key[0] == gi for m in ms]
             if not members:
                 continue
-            rt = GroupRuntime.build(gcfg, index=i, seed=config.seed, rank=comm.rank, device=members[0][1].device)
+            rt = GroupRuntime.build(gcfg, index=gi, seed=config.seed, rank=comm.rank, device=members[0][1].device)
             rt.adversary = adversary
             rt.views = {id(p): ViewConfig.model_validate(views[n]) for n, p in members if views and n in views}
             rt.transport = rt.plan([p for _, p in members], world_size=comm.world_size)
             for name, p in members:
                 self._check_member(rt, gcfg, name, p)
-            self._runtimes.append(rt)
-            groups.append({
-                "params": [p for _, p in members], "param_names": [n for n, _ in members], "group": gcfg.name,
-                "lr": gcfg.lr, "weight_decay": gcfg.weight_decay,
-                "momentum": gcfg.momentum.beta if gcfg.momentum is not None else 0.0,
-            })
+            runtimes[gi] = rt
+
+        groups, self._runtimes = [], []
+        for (gi, lr, wd), members in sorted(buckets.items(), key=lambda kv: kv[0][0]):  # stable: config order
+            self._runtimes.append(runtimes[gi])
+            groups.append(self._entry(all_groups[gi], members, lr=lr, weight_decay=wd))
         if not groups:
             raise ConfigError("build_optimizer got no trainable parameters")
         first = groups[0]
-        super().__init__(groups, defaults={"lr": first["lr"], "weight_decay": first["weight_decay"],
-                                           "momentum": first["momentum"]})
+        defaults = {"lr": first["lr"], "weight_decay": first["weight_decay"], "momentum": first["momentum"]}
+        if all("betas" in g for g in groups):  # OneCycleLR(cycle_momentum=True) then cycles beta1
+            defaults["betas"] = first["betas"]
+        self._building = True
+        super().__init__(groups, defaults=defaults)
+        self._building = False
         self.steps, self.skipped_steps, self._layout_checked = 0, 0, False
+        self._rule_variants: dict[int, tuple[tuple[float, ...], Any]] = {}
+        self._ddp_seen: str | None = None
+        self._ddp_checked: set[int] = set()
+        self._built_before_pg: int | None = None
+
+    # ------------------------------------------------------------------ routing
+    def _group_index(self, name: str) -> int:
+        return [g.name for g in self.config.all_groups()].index(name)
+
+    def _route(self, name: str, p: Tensor, role: str) -> int:
+        """The config group a parameter goes to: the first whose ``params`` match, else the fallback."""
+        for i, g in enumerate(self.config.groups):
+            if g.params.matches(name, p, role):
+                return i
+        return len(self.config.groups)
+
+    @staticmethod
+    def _entry(gcfg: Any, members: list[tuple[str, Tensor]], *, lr: float, weight_decay: float) -> dict[str, Any]:
+        """A ``param_groups`` entry of config group ``gcfg``."""
+        entry: dict[str, Any] = {
+            "params": [p for _, p in members], "param_names": [n for n, _ in members], "group": gcfg.name,
+            "lr": lr, "weight_decay": weight_decay,
+            "momentum": gcfg.momentum.beta if gcfg.momentum is not None else 0.0,
+        }
+        betas = getattr(gcfg.rule, "betas", None) if gcfg.rule is not None else None
+        if betas is not None:
+            entry["betas"] = tuple(betas)
+        return entry
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add parameters, routed like those given at build time (``torch.optim`` convention).
+
+        ``param_group`` is ``{"params": ..., "group": <config group>, "lr": ..., "weight_decay": ...}``
+        (all but ``params`` optional; ``param_names`` or ``(name, tensor)`` pairs name the tensors,
+        else they are ``params.<i>``).  Without ``group`` the parameters are routed by the config's
+        rules, roles read from shape and name only (there is no module), so they may land in several
+        config groups: one ``param_groups`` entry each, sharing the runtime (plugins, generators) of
+        that config group, built now if no parameter took it before.  Anything it cannot honour is
+        refused with a :class:`~commlmo.errors.ConfigError` and changes nothing.  Every rank must add
+        the same parameters (the next step checks the layout across ranks again).
+        """
+        if getattr(self, "_building", False):
+            super().add_param_group(param_group)
+            return
+        all_groups = self.config.all_groups()
+        group_names = [g.name for g in all_groups]
+        where = f"add_param_group (param group {len(self.param_groups)})"
+        total = sum(len(g["params"]) for g in self.param_groups)
+        named, o = _group_dict(param_group, where, group_names, first_index=total)
+        if not named:
+            raise ConfigError(f"{where}: no parameters; every added group must hold at least one parameter")
+        owner = {id(p): n for g in self.param_groups for n, p in zip(g["param_names"], g["params"])}
+        names = set(owner.values())
+        new: dict[int, list[tuple[str, Tensor]]] = {}
+        roles: dict[str, str] = {}
+        for name, p in named:
+            self._check_param(name, p)
+            if id(p) in owner:
+                raise ConfigError(f"{where}: parameter {name!r} is already optimized (as {owner[id(p)]!r}); "
+                                  "a parameter belongs to one param group")
+            if name in names:
+                raise ConfigError(f"{where}: a parameter is already named {name!r}; names must be unique "
+                                  "(pass param_names or (name, tensor) pairs)")
+            if not (p.is_leaf or p.retains_grad):
+                raise ConfigError(f"{where}: parameter {name!r} is not a leaf tensor; optimize leaves only")
+            owner[id(p)], roles[name] = name, role_by_shape(name, p)
+            names.add(name)
+            gi = self._group_index(o["group"]) if "group" in o else self._route(name, p, roles[name])
+            new.setdefault(gi, []).append((name, p))
+        plan: list[tuple[GroupRuntime, dict[str, Any]]] = []
+        for gi in sorted(new):
+            gcfg, members = all_groups[gi], new[gi]
+            rt = next((r for r in self._runtimes if r.index == gi), None)
+            if rt is None:  # a config group no parameter took so far: build it now
+                rt = GroupRuntime.build(gcfg, index=gi, seed=self.config.seed, rank=self.comm.rank,
+                                        device=members[0][1].device, params=[p for _, p in members],
+                                        world_size=self.comm.world_size)
+                rt.adversary = self._adversary
+            for name, p in members:
+                self._check_member(rt, gcfg, name, p)
+            plan.append((rt, self._entry(gcfg, members, lr=o.get("lr", gcfg.lr),
+                                         weight_decay=o.get("weight_decay", gcfg.weight_decay))))
+        for rt, entry in plan:  # everything was checked: commit
+            keys = set(entry)
+            super().add_param_group(entry)
+            for k in set(entry) - keys:  # a default of another kind of group (betas on a momentum group)
+                del entry[k]
+            self._runtimes.append(rt)
+        self._roles.update(roles)
+        self._layout_checked = False
 
     @staticmethod
     def _check_param(name: str, p: Tensor) -> None:
@@ -186,7 +425,10 @@ class CommOptimizer(torch.optim.Optimizer):
 
     def routing(self) -> dict[str, list[str]]:
         """Which parameter names each group took (the fallback group included when it took any)."""
-        return {g["group"]: list(g["param_names"]) for g in self.param_groups}
+        out: dict[str, list[str]] = {}
+        for g in self.param_groups:
+            out.setdefault(g["group"], []).extend(g["param_names"])
+        return out
 
     def describe_routing(self) -> str:
         """Where each parameter went: per group its stages, then each tensor with its role and shape."""
@@ -202,16 +444,100 @@ class CommOptimizer(torch.optim.Optimizer):
                 lines.append(f"    {n}  [{self._roles.get(n, '?')}]  {tuple(p.shape)}{shown}")
         return "\n".join(lines)
 
+    # ------------------------------------------------------------------ guards
+    def _watch(self, module: torch.nn.Module) -> None:
+        """Notice, from now on, a forward of ``module`` run by ``DistributedDataParallel``."""
+        handle = module.register_forward_pre_hook(_DDPProbe(self))
+        weakref.finalize(self, handle.remove)
+
+    def _note_ddp(self, ddp: Any) -> None:
+        """A DDP forward ran one of our modules: remember it if that DDP reduces any of our parameters."""
+        if self._ddp_seen is not None or id(ddp) in self._ddp_checked:
+            return
+        self._ddp_checked.add(id(ddp))
+        reduced = getattr(ddp, "_module_parameters", None)
+        if reduced is None:
+            reduced = list(ddp.module.parameters()) if isinstance(getattr(ddp, "module", None), torch.nn.Module) else []
+        ours = {id(p) for g in self.param_groups for p in g["params"]}
+        if any(id(p) in ours for p in reduced):
+            self._ddp_seen = type(ddp).__name__
+
+    def _check_stack(self, entries: list[tuple[str, Tensor]], first: bool) -> None:
+        """Refuse to step, before anything is sent, under a PyTorch stack that would break the step."""
+        if self._built_before_pg is not None:
+            n = self._built_before_pg
+            if dist.is_available() and dist.is_initialized():
+                raise DistributedError(
+                    f"this optimizer was built before torch.distributed was initialised (WORLD_SIZE={n} in the "
+                    "environment, no process group at build time), so it is a world of one: each rank would "
+                    "train alone. Build the optimizer after dist.init_process_group(), or pass process_group=")
+            raise DistributedError(
+                f"WORLD_SIZE={n} in the environment, but torch.distributed was never initialised, so this "
+                "optimizer is a world of one and each rank would train alone. Call dist.init_process_group() "
+                "(or commlmo.launch.init_from_env()) before build_optimizer, or pass "
+                "process_group=commlmo.LocalComm() to train on one process on purpose")
+        if self._ddp_seen is None and first:
+            hooked = next((n for n, p in entries if _ddp_hooked(p)), None)
+            if hooked is not None:
+                self._ddp_seen = f"DistributedDataParallel (hooks on {hooked!r})"
+        if self._ddp_seen is not None:
+            raise DistributedError(
+                f"the model was wrapped in {self._ddp_seen} after the optimizer was built: DDP all-reduces every "
+                "gradient in float32 during backward and commlmo aggregates it again, so gradients cross the "
+                "wire twice (and compression is defeated). Do not wrap the model: call backward on the "
+                "unwrapped module and let the commlmo optimizer do the communication. Nothing was sent.")
+
+    def _step_rules(self) -> list[Any]:
+        """Each param group's rule for this step (its ``betas`` applied), after checking ``momentum``."""
+        rules = []
+        for rt, g in zip(self._runtimes, self.param_groups):
+            if rt.config.momentum is not None:
+                beta = g.get("momentum")
+                beta = float(beta) if isinstance(beta, Tensor) and beta.numel() == 1 else beta
+                if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+                    raise ConfigError(f"param group {g['group']!r}: momentum = {g.get('momentum')!r}; "
+                                      "allowed: a number in [0, 1). Nothing was changed")
+            rules.append(self._rule_for(rt, g))
+        return rules
+
+    def _rule_for(self, rt: GroupRuntime, group: dict[str, Any]) -> Any:
+        """``rt.rule``, or a copy of it with ``group["betas"]`` when a scheduler changed them."""
+        rule = rt.rule
+        betas = group.get("betas")
+        if rule is None or betas is None or not hasattr(rule.config, "betas"):
+            return rule
+        try:
+            betas = tuple(float(b) for b in betas)
+        except (TypeError, ValueError):
+            raise ConfigError(f"param group {group['group']!r}: betas = {betas!r}; allowed: a pair of numbers "
+                              "in [0, 1)") from None
+        if betas == tuple(rule.config.betas):
+            return rule
+        cached = self._rule_variants.get(rt.index)  # the latest only: a scheduler moves betas every step
+        if cached is None or cached[0] != betas:
+            try:
+                cfg = type(rule.config).model_validate({**rule.config.model_dump(), "betas": betas})
+            except ValidationError as exc:
+                msg = "; ".join(e["msg"] for e in exc.errors())
+                raise ConfigError(f"param group {group['group']!r}: betas = {betas!r}: {msg}. "
+                                  "Nothing was changed") from None
+            cached = self._rule_variants[rt.index] = (betas, type(rule)(cfg))
+        return cached[1]
+
     # ------------------------------------------------------------------ step
     def _entries(self) -> list[tuple[str, Tensor]]:
         """Every parameter this optimizer updates, in a fixed order."""
         return [(n, p) for g in self.param_groups for n, p in zip(g["param_names"], g["params"])]
 
-    def _agree_on_gradients(self, entries: list[tuple[str, Tensor]]) -> bool:
+    def _agree_on_gradients(self, entries: list[tuple[str, Tensor]]) -> int:
         """One small collective: do all ranks have finite gradients, and which parameters have one?
 
-        A parameter that has a gradient on some rank gets a zero gradient on the
-        others (as DDP treats unused parameters), so every rank sends the same layout.
+        Returns 0 (go), ``_NONFINITE`` (a NaN/Inf gradient on some rank) or ``_SCALER_INF``
+        (a grad scaler found one on some rank).  Under ``torch.amp.GradScaler`` the
+        scaler's own ``found_inf`` is this rank's flag, and gradients still scaled
+        (``grad_scale``) are unscaled here first.  A parameter that has a gradient on
+        some rank gets a zero gradient on the others (as DDP treats unused
+        parameters), so every rank sends the same layout.
         """
         for name, p in entries:
             if p.grad is not None and p.grad.is_sparse:
@@ -220,17 +546,26 @@ class CommOptimizer(torch.optim.Optimizer):
                 raise ConfigError(f"parameter {name!r} of shape {tuple(p.shape)} has a gradient of shape {tuple(p.grad.shape)}")
         device = entries[0][1].device if entries else "cpu"
         grads = [p.grad for _, p in entries if p.grad is not None]
-        nonfinite = (torch.stack([torch.isfinite(g).all() for g in grads]).all().logical_not()
-                     if grads else torch.zeros((), dtype=torch.bool, device=device))
+        found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
+        if isinstance(grad_scale, Tensor):  # GradScaler.step without unscale_: the gradients are still scaled
+            inv = grad_scale.double().reciprocal().float()
+            for g in grads:
+                g.mul_(inv.to(g.device))
+        if isinstance(found_inf, Tensor):
+            flag = (found_inf.reshape(1).to(device) > 0).to(torch.uint8) * _SCALER_INF
+        else:
+            nonfinite = (torch.stack([torch.isfinite(g).all() for g in grads]).all().logical_not()
+                         if grads else torch.zeros((), dtype=torch.bool, device=device))
+            flag = nonfinite.reshape(1).to(torch.uint8) * _NONFINITE
         present = torch.tensor([p.grad is not None for _, p in entries], dtype=torch.uint8, device=device)
-        flags = torch.cat([nonfinite.reshape(1).to(torch.uint8), present])
+        flags = torch.cat([flag, present])
         self.comm.all_max_(flags, label="step_agreement")
         if flags[0]:
-            return False
+            return int(flags[0])
         for i, (_, p) in enumerate(entries):
             if flags[1 + i] and p.grad is None:
                 p.grad = torch.zeros_like(p)
-        return True
+        return 0
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -238,33 +573,42 @@ class CommOptimizer(torch.optim.Optimizer):
 
         Raises :class:`~commlmo.errors.NonFiniteGradientError` (policy ``raise``) or
         skips the step (policy ``skip``) when a gradient on any rank is NaN or Inf;
-        either way nothing is sent and no parameter or state changes.
+        either way nothing is sent and no parameter or state changes.  Under
+        ``torch.amp.GradScaler`` a rank's inf check is agreed the same way and every
+        rank skips (whatever the policy: the scaler backs off and tries again).
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.comm.bytes.new_step()
         entries = self._entries()
         first = not self._layout_checked
+        self._check_stack(entries, first)
+        rules = self._step_rules()
+        self.comm.bytes.new_step()
         if first:
             check_layout(entries, self.config, self.comm)
             self._layout_checked = True
         verify = bool(self.config.verify_every) and (self.steps + 1) % self.config.verify_every == 0
-        if not self._agree_on_gradients(entries):
-            if self.config.nonfinite == "skip":
+        agreed = self._agree_on_gradients(entries)
+        if agreed:
+            if self.config.nonfinite == "skip" or agreed == _SCALER_INF:
                 self.skipped_steps += 1
                 return loss
             raise NonFiniteGradientError(
                 "a gradient on some rank contains NaN or Inf; nothing was sent and no state changed "
                 "(set nonfinite: skip to skip such steps)"
             )
-        for rt, group in zip(self._runtimes, self.param_groups):
+        for rt, group, rule in zip(self._runtimes, self.param_groups, rules):
             live = [(n, p) for n, p in zip(group["param_names"], group["params"]) if p.grad is not None]
             if live:
                 params = [p for _, p in live]
-                rt.step(params, [p.grad for p in params], [self.state[p] for p in params], [n for n, _ in live],
-                        group=group, comm=self.comm, step=self.steps, check_agreement=first or verify)
+                base, rt.rule = rt.rule, rule
+                try:
+                    rt.step(params, [p.grad for p in params], [self.state[p] for p in params], [n for n, _ in live],
+                            group=group, comm=self.comm, step=self.steps, check_agreement=first or verify)
+                finally:
+                    rt.rule = base
         self.steps += 1
         if self.config.verify_every and self.steps % self.config.verify_every == 0:
             verify_parameters(entries, self.comm)
@@ -276,18 +620,32 @@ class CommOptimizer(torch.optim.Optimizer):
 
         Momentum, EF21 estimators, the EF21-P exact model and every rule's moments
         are per-parameter state, saved as usual; together this resumes a run bitwise.
+        The same facts also travel inside ``state`` (each group's generators, under
+        its first parameter) and ``param_groups`` (``"commlmo"``: config fingerprint,
+        step count, shapes), which is all ``torch.distributed.checkpoint`` keeps.
         """
         sd = super().state_dict()
+        fingerprint = _config_fingerprint(self.config)
         sd["commlmo"] = {
             "generators": [rt.generators.state() for rt in self._runtimes],
             "groups": [g["group"] for g in self.param_groups],
             "world_size": self.comm.world_size,
             "rank": self.comm.rank,
-            "config": _config_fingerprint(self.config),
+            "config": fingerprint,
             "shapes": [[list(p.shape) for p in g["params"]] for g in self.param_groups],
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
         }
+        state = sd["state"] = dict(sd["state"])
+        owners: dict[int, int] = {}
+        for i, (rt, g) in enumerate(zip(self._runtimes, sd["param_groups"])):
+            j = owners.setdefault(id(rt), i)
+            g["commlmo"] = {"config": fingerprint, "steps": self.steps, "world_size": self.comm.world_size,
+                            "rank": self.comm.rank, "shapes": sd["commlmo"]["shapes"][i], "generators_in": j}
+            if j == i:
+                pid = g["params"][0]
+                gens = rt.generators.state()
+                state[pid] = {**state.get(pid, {}), _GEN_KEYS[0]: gens["shared"], _GEN_KEYS[1]: gens["local"]}
         return sd
 
     def _refusal(self, extra: dict[str, Any]) -> str | None:
@@ -305,22 +663,61 @@ class CommOptimizer(torch.optim.Optimizer):
                     return (f"group {groups[gi]!r} was saved with parameter shapes {a[:4]}{'...' if len(a) > 4 else ''}, "
                             f"this model has {b[:4]}{'...' if len(b) > 4 else ''}")
             return "it was saved for a different model"
-        if len(extra.get("generators", ())) != len(self._runtimes):
-            return f"it has {len(extra.get('generators', ()))} commlmo groups, this optimizer has {len(self._runtimes)}"
+        gens = extra.get("generators", ())
+        if len(gens) != len(self._runtimes) or any(g is None for g in gens):
+            return f"it has {len(gens)} commlmo groups, this optimizer has {len(self._runtimes)}"
         return None
+
+    @staticmethod
+    def _unpack(state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """``(torch's state dict, commlmo's facts)``: the facts from ``"commlmo"``, or rebuilt from what
+        :meth:`state_dict` put into ``state`` and ``param_groups`` (a ``torch.distributed.checkpoint`` load)."""
+        sd = dict(state_dict)
+        extra = sd.pop("commlmo", None)
+        groups = [dict(g) for g in sd.get("param_groups", [])]
+        embedded = [g.pop("commlmo", None) for g in groups]
+        state = {k: dict(v) if isinstance(v, Mapping) else v for k, v in dict(sd.get("state", {})).items()}
+        generators: dict[Any, dict[str, Tensor]] = {}
+        for k, v in list(state.items()):
+            if isinstance(v, dict) and _GEN_KEYS[0] in v:
+                generators[k] = {"shared": v.pop(_GEN_KEYS[0]), "local": v.pop(_GEN_KEYS[1], None)}
+                if not v:
+                    del state[k]
+        sd["param_groups"], sd["state"] = groups, state
+        if extra is None and groups and all(isinstance(e, Mapping) for e in embedded):
+            e0 = embedded[0]
+            gens = []
+            for e in embedded:
+                owner = groups[e.get("generators_in", 0)] if e.get("generators_in", 0) < len(groups) else None
+                gens.append(generators.get(owner["params"][0]) if owner and owner.get("params") else None)
+            extra = {"generators": gens, "groups": [g.get("group") for g in groups], "config": e0.get("config"),
+                     "shapes": [e.get("shapes") for e in embedded], "steps": e0.get("steps", 0),
+                     "world_size": e0.get("world_size"), "rank": e0.get("rank")}
+        return sd, extra
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved; refuse (changing nothing) a state of another config or model."""
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("commlmo", None)
+        state_dict, extra = self._unpack(state_dict)
         if extra is None:
             raise ConfigError("this state_dict was not saved by a commlmo optimizer (no 'commlmo' entry)")
         why = self._refusal(extra)
         if why:
             raise ConfigError(f"cannot load this optimizer state: {why}; nothing was changed")
-        before = (copy.copy(self.state), [dict(g) for g in self.param_groups])
+        before = (copy.copy(self.state), [dict(g) for g in self.param_groups],
+                  [rt.generators.state() for rt in self._runtimes])
+        # torch casts every floating state tensor to its parameter's dtype (an adam_step count to bfloat16
+        # on bfloat16 parameters); put back what was saved, on the parameter's device
+        ours = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
+        keep = {}
+        for k, p in zip(saved_ids, ours):
+            for key, v in (state_dict["state"].get(k) or {}).items():
+                if isinstance(v, Tensor) and key != "step" and v.dtype != p.dtype:
+                    keep[(id(p), key)] = (p, key, v)
         try:
             super().load_state_dict(state_dict)
+            for p, key, v in keep.values():
+                self.state[p][key] = v.to(device=p.device)
             for rt, gs in zip(self._runtimes, extra["generators"]):
                 rt.generators.load(gs)
         except Exception as exc:
@@ -328,6 +725,8 @@ class CommOptimizer(torch.optim.Optimizer):
             for g, saved in zip(self.param_groups, before[1]):
                 g.clear()
                 g.update(saved)
+            for rt, gs in zip(self._runtimes, before[2]):
+                rt.generators.load(gs)
             raise ConfigError(f"cannot load this optimizer state: {type(exc).__name__}: {exc}; nothing was changed") from None
         self.steps, self.skipped_steps = extra.get("steps", 0), extra.get("skipped_steps", 0)
 
@@ -341,6 +740,13 @@ def build_optimizer(
 ) -> CommOptimizer:
     """Build a :class:`CommOptimizer` for a model (or named parameters) from any config source.
 
+    ``model_or_named_params`` is a module (roles read from its tree), ``(name, tensor)``
+    pairs, tensors, or torch-style param-group dicts as ``torch.optim`` optimizers take
+    them (``[{"params": [...], "group": "embedding", "lr": 1e-3}, {"params": ...}]``): a
+    dict that names a config group (``group``) puts its parameters there, one without is
+    routed by the config's rules (roles by shape and name: there is no module), and
+    ``lr``/``weight_decay`` override the config group's; other keys are refused.
+
     ``config`` is anything :func:`commlmo.load_config` accepts: a preset name, a
     path, a mapping or an :class:`OptimizerConfig`.  ``process_group`` is a
     ``torch.distributed`` group (default: the world when initialised, else a
@@ -349,9 +755,38 @@ def build_optimizer(
     ``flip``-ped, ``random`` or ``zero`` messages (see :func:`commlmo.pipeline.corrupt`).
     """
     cfg = load_config(config)
-    named = named_parameters_of(model_or_named_params)
     module = model_or_named_params if isinstance(model_or_named_params, torch.nn.Module) else None
+    overrides: dict[str, dict[str, Any]] = {}
+    if module is None and not isinstance(model_or_named_params, Tensor):
+        items = list(model_or_named_params)
+        if items and all(isinstance(x, Mapping) for x in items):
+            group_names = [g.name for g in cfg.all_groups()]
+            pairs: list[tuple[str, Tensor]] = []
+            for i, spec in enumerate(items):
+                named, o = _group_dict(spec, f"param group {i}", group_names, first_index=len(pairs))
+                pairs.extend(named)
+                overrides.update({n: o for n, _ in named})
+            if not pairs:
+                raise ConfigError("build_optimizer got param groups without parameters")
+            named_params = named_parameters_of(pairs)
+        elif any(isinstance(x, Mapping) for x in items):
+            raise ConfigError("build_optimizer got param-group dicts mixed with tensors; pass either a list of "
+                              "dicts ({'params': [...]}) or a list of tensors")
+        else:
+            named_params = named_parameters_of(items)
+    else:
+        named_params = named_parameters_of(model_or_named_params)
     roles = parameter_roles(module) if module is not None else None
     views = parameter_views(module) if module is not None else None
-    return CommOptimizer(named, cfg, comm=make_communicator(process_group), adversary=adversary, roles=roles,
-                         views=views)
+    opt = CommOptimizer(named_params, cfg, comm=make_communicator(process_group), adversary=adversary, roles=roles,
+                        views=views, overrides=overrides)
+    if module is not None:
+        opt._watch(module)
+    if process_group is None and not (dist.is_available() and dist.is_initialized()):
+        try:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+        except ValueError:
+            world = 1
+        if world > 1:
+            opt._built_before_pg = world
+    return opt
