@@ -92,6 +92,9 @@ BENCHMARKS = [
               "accuracy and bytes of signmuon, muon and signsgd on MNIST-1D with 4 workers, with plots"),
     Benchmark("lm_bytes.md", "Bytes on real language models", "lm_bytes",
               "bytes per step of every preset with every parameter routed, GPT-2-small shapes and the gpt task"),
+    Benchmark("scale.md", "Scaling with ranks", "scale",
+              "bytes per rank and step time of every preset on 2-16 gloo ranks, checked against the cost model "
+              "and projected to 1024 ranks at 100 Gbit/s and 1 Gbit/s"),
     Benchmark("byzantine.md", "Byzantine workers", "byzantine",
               "final loss of vote and mean methods when 2 of 5 workers send flipped, random or zero messages"),
 ]
