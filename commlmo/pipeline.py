@@ -298,6 +298,8 @@ class GroupRuntime:
             identity = _identity()
             aggregates = mean_of_payloads([identity.compress(v) for v in vectors], identity, comm,
                                           transport="owner", label=f"{cfg.name}/warmup")
+            if check_agreement and comm.world_size > 1:
+                self._check_agreement(aggregates, names, comm)
 
         # 4. server
         dual_norms: list[float | None] = [None] * len(params)

@@ -149,8 +149,8 @@ def predicted(opt, step: int) -> dict[str, int]:
             sent = _mean_bytes(rt.transport, [piece for p in params for piece in _pieces(rt, p)], m)
         else:
             raise AssertionError(f"no cost model here for aggregator {rt.aggregator.kind!r}")
-        if step == 0 and not warmup:  # the one-off agreement check: one int64 checksum per parameter,
-            # all-gathered (pipeline.py checks the compressed path only: not a warm-up step)
+        if step == 0:  # the one-off agreement check: one int64 checksum per parameter, all-gathered
+            # (on the compressed path and on a rule's float32 warm-up alike)
             sent += (m - 1) * 8 * len(params)
         out[name] = sent
     return out
