@@ -50,6 +50,7 @@ from .config import OptimizerConfig, ViewConfig, describe_group, load_config
 from .errors import ConfigError, DistributedError, NonFiniteGradientError, did_you_mean
 from .consistency import check_layout, verify_parameters
 from .pipeline import Adversary, GroupRuntime
+from .plugin import finite_inputs
 from .routing import parameter_roles, parameter_views, role_by_shape
 
 __all__ = ["CommOptimizer", "build_optimizer", "named_parameters_of"]
@@ -219,6 +220,22 @@ class _DDPProbe:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._ref = None
+
+
+def _any_nonfinite(grads: list[Tensor], device: Any) -> Tensor:
+    """A 0-d bool: does any gradient hold a NaN or an Inf?
+
+    On the CPU, one sum per gradient (a finite sum proves every entry finite; only a
+    non-finite sum, NaN or an overflow of finite entries, is checked entry by entry): one
+    read instead of ``isfinite``'s read and write.  Elsewhere, branch-free (no host read).
+    """
+    if not grads:
+        return torch.zeros((), dtype=torch.bool, device=device)
+    if all(g.device.type == "cpu" for g in grads):
+        sums = torch.stack([g.sum() for g in grads])
+        if bool(torch.isfinite(sums).all()):
+            return torch.zeros((), dtype=torch.bool, device=device)
+    return torch.stack([torch.isfinite(g).all() for g in grads]).all().logical_not()
 
 
 class CommOptimizer(torch.optim.Optimizer):
@@ -554,8 +571,7 @@ class CommOptimizer(torch.optim.Optimizer):
         if isinstance(found_inf, Tensor):
             flag = (found_inf.reshape(1).to(device) > 0).to(torch.uint8) * _SCALER_INF
         else:
-            nonfinite = (torch.stack([torch.isfinite(g).all() for g in grads]).all().logical_not()
-                         if grads else torch.zeros((), dtype=torch.bool, device=device))
+            nonfinite = _any_nonfinite(grads, device)
             flag = nonfinite.reshape(1).to(torch.uint8) * _NONFINITE
         present = torch.tensor([p.grad is not None for _, p in entries], dtype=torch.uint8, device=device)
         flags = torch.cat([flag, present])
@@ -605,8 +621,10 @@ class CommOptimizer(torch.optim.Optimizer):
                 params = [p for _, p in live]
                 base, rt.rule = rt.rule, rule
                 try:
-                    rt.step(params, [p.grad for p in params], [self.state[p] for p in params], [n for n, _ in live],
-                            group=group, comm=self.comm, step=self.steps, check_agreement=first or verify)
+                    with finite_inputs():  # every rank's gradients were agreed finite above
+                        rt.step(params, [p.grad for p in params], [self.state[p] for p in params],
+                                [n for n, _ in live], group=group, comm=self.comm, step=self.steps,
+                                check_agreement=first or verify)
                 finally:
                     rt.rule = base
         self.steps += 1

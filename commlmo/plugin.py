@@ -22,8 +22,10 @@ LMOs"), ``lmo(G) = argmin_{||D|| <= 1} <G, D> = -direction(G)``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -47,6 +49,8 @@ __all__ = [
     "Rule",
     "FAMILIES",
     "as_matrix",
+    "finite_inputs",
+    "inputs_known_finite",
 ]
 
 #: plugin family -> entry-point group
@@ -117,6 +121,29 @@ class Plugin:
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.config.model_dump().items() if k != "kind")
         return f"{type(self).__name__}({fields})"
+
+
+_FINITE_INPUTS: contextvars.ContextVar[bool] = contextvars.ContextVar("commlmo_finite_inputs", default=False)
+
+
+@contextlib.contextmanager
+def finite_inputs() -> Iterator[None]:
+    """Declare that the tensors handed to plugins inside this block are known to be finite.
+
+    The optimizer has already agreed across ranks that every gradient is finite, so
+    compressors may skip their own NaN/Inf check (one read and one host read per tensor);
+    called directly, outside the optimizer, they still check.
+    """
+    token = _FINITE_INPUTS.set(True)
+    try:
+        yield
+    finally:
+        _FINITE_INPUTS.reset(token)
+
+
+def inputs_known_finite() -> bool:
+    """Whether the caller declared its inputs finite (:func:`finite_inputs`)."""
+    return _FINITE_INPUTS.get()
 
 
 def as_matrix(x: Tensor) -> Tensor:

@@ -82,6 +82,8 @@ class Benchmark:
 BENCHMARKS = [
     Benchmark("lmo.md", "Spectral LMO", "lmo",
               "Newton–Schulz time against torch.optim.Muon's; accuracy of jordan, polar_express and svd"),
+    Benchmark("step.md", "Step time against torch.optim.Muon", "step",
+              "one process configured as torch.optim.Muon, ratio of step times in one interleaved loop"),
     Benchmark("compressors.md", "Compressors", "compressors",
               "compress and decompress time on 16 M float32 entries, as ratios to one read or one axpy"),
     Benchmark("comm.md", "Bytes on the wire", "comm",

@@ -509,3 +509,18 @@ def test_native_kernels_refuse_tensors_that_are_not_plain_and_the_eager_path_tak
     assert _native.available(sub) is None
     sign = build_plugin("compressor", {"kind": "sign", "zero": "positive"})
     assert torch.equal(sign.compress(sub).wire[0], sign.compress(x).wire[0])
+
+
+def test_compressors_check_their_input_unless_the_caller_declared_it_finite():
+    """The optimizer agrees on finite gradients first, so inside a step the per-tensor NaN check is skipped."""
+    from commlmo.errors import NonFiniteInputError
+    from commlmo.plugin import finite_inputs, inputs_known_finite
+
+    x = torch.tensor([1.0, float("nan"), 2.0])
+    identity = build_plugin("compressor", "identity")
+    with pytest.raises(NonFiniteInputError):
+        identity.compress(x)
+    with finite_inputs():
+        assert inputs_known_finite()
+        identity.compress(x)  # trusted: no read of x
+    assert not inputs_known_finite()
