@@ -48,13 +48,7 @@ EXTRA = {"signmuon+adamw": {"preset": "signmuon", "elementwise": "adamw"},
 
 def steady_state(source) -> commlmo.OptimizerConfig:
     """The config with 1-bit Adam's float32 warm-up cut to one step, so step 2 shows its steady state."""
-    cfg = commlmo.load_config(source)
-    groups = []
-    for g in cfg.all_groups():
-        if g.rule is not None and g.rule.kind == "onebit_adam":
-            g = g.model_copy(update={"rule": g.rule.model_copy(update={"warmup": 1})})
-        groups.append(g)
-    return cfg.model_copy(update={"groups": groups[:-1], "fallback": groups[-1]})
+    return commlmo.load_config(source).with_rule_options("onebit_adam", warmup=1)
 
 
 def worker(rank: int, world: int, model_name: str, configs: dict) -> dict:

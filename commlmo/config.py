@@ -375,6 +375,19 @@ class OptimizerConfig(_Model):
             raise ValueError(f"group name {self.fallback.name!r} is the fallback group's; rename the group")
         return self
 
+    def with_rule_options(self, kind: str, **fields: Any) -> OptimizerConfig:
+        """A copy in which every group whose rule is ``kind`` has ``fields`` changed, e.g.
+        ``cfg.with_rule_options("onebit_adam", warmup=1)`` (benchmarks of a steady state).
+        The new values are validated by the rule's own config."""
+        def patched(g: GroupConfig) -> GroupConfig:
+            if g.rule is None or g.rule.kind != kind:
+                return g
+            rule = type(g.rule).model_validate(g.rule.model_dump() | fields)
+            return g.model_copy(update={"rule": rule})
+
+        return self.model_copy(update={"groups": [patched(g) for g in self.groups],
+                                       "fallback": patched(self.fallback)})
+
     def all_groups(self) -> list[GroupConfig]:
         """The groups in routing order, the fallback last."""
         return [*self.groups, self.fallback]
