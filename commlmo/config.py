@@ -220,6 +220,10 @@ class GroupConfig(_Model):
                                             description="Momentum of each worker's gradient; `null`: none "
                                             "(always null with a `rule`).")
     weight_decay: Rate = Field(0.0, description="Decoupled weight decay `wd`: X ← X(1 − lr·wd) before the step.")
+    server: Literal["replicated", "owner", "auto"] = Field(
+        "replicated", description="The server role: `replicated` (every rank runs the server step), `owner` "
+        "(each matrix aggregated, orthogonalised and compressed once, by its owner rank; see commlmo.owner), "
+        "`auto` (owner where supported and no dearer in bytes).")
 
     @model_validator(mode="before")
     @classmethod

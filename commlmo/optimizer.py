@@ -292,6 +292,7 @@ class CommOptimizer(torch.optim.Optimizer):
             rt.adversary = adversary
             rt.views = {id(p): ViewConfig.model_validate(views[n]) for n, p in members if views and n in views}
             rt.transport = rt.plan([p for _, p in members], world_size=comm.world_size)
+            self._plan_server(rt, gcfg, [p for _, p in members], comm.world_size)
             for name, p in members:
                 self._check_member(rt, gcfg, name, p)
             runtimes[gi] = rt
@@ -402,6 +403,22 @@ class CommOptimizer(torch.optim.Optimizer):
         self._layout_checked = False
 
     @staticmethod
+    def _plan_server(rt: GroupRuntime, gcfg: Any, params: list[Tensor], world_size: int) -> None:
+        """The group's server role: ``owner`` (checked), ``replicated``, or what ``auto`` picks, with why."""
+        from .owner import choose_server, owner_problem
+
+        if gcfg.server == "owner":
+            why = owner_problem(rt)
+            if why is not None:
+                raise ConfigError(f"groups.{gcfg.name}: server: owner is not supported here: {why}; "
+                                  "use server: replicated (or auto)")
+            rt.server, rt.server_reason = "owner", "configured"
+        elif gcfg.server == "auto":
+            rt.server, rt.server_reason = choose_server(rt, params, world_size)
+        else:
+            rt.server, rt.server_reason = "replicated", "configured"
+
+    @staticmethod
     def _check_param(name: str, p: Tensor) -> None:
         if not isinstance(p, Tensor):
             raise ConfigError(f"parameter {name!r} is a {type(p).__name__}, not a tensor")
@@ -452,7 +469,7 @@ class CommOptimizer(torch.optim.Optimizer):
         lines = []
         for rt, g in zip(self._runtimes, self.param_groups):
             numel = sum(p.numel() for p in g["params"])
-            lines.append(f"{g['group']}: {describe_group(rt.config)}  transport={rt.transport}  "
+            lines.append(f"{g['group']}: {describe_group(rt.config)}  transport={rt.transport}  server={rt.server}  "
                          f"({len(g['params'])} tensors, {numel:,} entries)")
             for n, p in zip(g["param_names"], g["params"]):
                 view = rt.view_of(p)

@@ -70,6 +70,7 @@ class Generators:
     """The random streams of one group: ``shared`` (same on every rank) and ``local`` (per rank)."""
 
     def __init__(self, *, seed: int, group_index: int, rank: int, device: torch.device):
+        self.seed_base = seed * 1_000_003 + group_index  # for streams derived per step and parameter
         self.shared = torch.Generator(device=device)
         self.shared.manual_seed(seed * 1_000_003 + group_index)
         self.local = torch.Generator(device=device)
@@ -161,6 +162,8 @@ class GroupRuntime:
     generators: Generators
     transport: str = "allgather"
     adversary: Adversary | None = None
+    server: str = "replicated"  # the server role: replicated, or owner (commlmo.owner)
+    server_reason: str = ""
     views: dict = field(default_factory=dict)  # id(param) -> ViewConfig, for the group view "auto"
     _codecs: dict = field(default_factory=dict)
 
@@ -284,6 +287,13 @@ class GroupRuntime:
             codecs = [self.codec(p) for p in params]
             messages = [self.aggregator.message(v, s) for v, s in zip(vectors, states)]
             payloads = [c.compress(m, generator=self.generators.for_(c)) for c, m in zip(codecs, messages)]
+            if self.server == "owner" and comm.world_size > 1:
+                from .owner import owner_step
+
+                owner_step(self, params, states, names, payloads, codecs, comm, lr=lr, wd=wd, step=step)
+                for s, upd in zip(states, pending):  # the collectives have succeeded
+                    s.update(upd)
+                return
             aggregates = self.aggregator.aggregate(
                 payloads, messages, states, codecs=codecs, comm=comm, generators=self.generators,
                 transport=self.transport, label=cfg.name,

@@ -337,6 +337,12 @@ class Compressor(Plugin):
         """Variance parameter ``E||C(x)-x||^2 <= omega ||x||^2`` if unbiased, else ``None``."""
         return None
 
+    def advance_generator(self, generator: torch.Generator, shape: torch.Size, dtype: torch.dtype) -> bool:
+        """Advance ``generator`` exactly as :meth:`compress` of such a tensor would, without compressing;
+        ``False`` if that depends on the data (then callers cannot replay the stream).  Deterministic
+        compressors draw nothing and return ``True``."""
+        return not self.capabilities.stochastic
+
     # -- the downlink stage -------------------------------------------------
     # As a downlink, a compressor is a pipeline stage with its own state: it receives
     # the server's step D and moves the parameter.  The default sends C(D) and every

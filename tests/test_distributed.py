@@ -35,6 +35,11 @@ CONFIGS |= {
         "aggregator": {"kind": "majority_vote", "transport": "allgather"}}}},
     "muonserver_allreduce": {"preset": "muonserver", "groups": {"hidden": {"aggregator": {"kind": "mean", "transport": "allreduce"}}}},
     "signmuon_abstain": {"preset": "signmuon", "groups": {"hidden": {"aggregator": {"kind": "majority_vote", "ties": "abstain"}}}},
+    # the owner server role: each matrix aggregated, orthogonalised and compressed by one rank
+    "muonserver_owner": {"preset": "muonserver", "groups": {"hidden": {"server": "owner"}}},
+    "muonsign_owner": {"preset": "muonsign", "groups": {"hidden": {"server": "owner"}}},
+    "muonusign_owner": {"preset": "muonusign", "groups": {"hidden": {"server": "owner"}}},
+    "scion_owner": {"preset": "scion", "groups": {"hidden": {"server": "owner"}}},
     # every parameter through one element-wise rule
     "lion_vote": {"groups": [{"name": "all", "params": {"ndim": None}, "rule": {"kind": "lion"},
                               "uplink": {"kind": "sign"}, "aggregator": {"kind": "majority_vote"}}]},
@@ -122,3 +127,11 @@ def test_one_rank_through_the_distributed_path_equals_the_single_process_optimiz
         for step in range(STEPS):
             assert _equal(real[name]["history"][step], local["history"][step]), name
         assert all(not v for v in real[name]["bytes"])
+
+
+@pytest.mark.parametrize("name", ["muonserver", "muonsign", "muonusign", "scion"])
+def test_the_owner_server_role_equals_the_replicated_one_bitwise(world, name):
+    m, real, _ = world
+    for rank in range(m):
+        for step in range(STEPS):
+            assert _equal(real[rank][f"{name}_owner"]["history"][step], real[rank][name]["history"][step]), (rank, step)

@@ -149,3 +149,22 @@ def test_aggregates_that_differ_by_rank_are_caught_at_the_first_step(bad_mean):
     for msg, moved in simulate(2, worker):
         assert msg is not None and "different result on ranks" in msg and "'w'" in msg
         assert not moved
+
+
+def test_the_owner_role_is_refused_where_it_is_not_supported_and_auto_says_what_it_chose():
+    w = torch.nn.Parameter(torch.randn(6, 5))
+    with pytest.raises(ConfigError, match="server: owner is not supported here: aggregator 'ef21'"):
+        build_optimizer([("w", w)], {"preset": "ef21muonusign", "groups": {"hidden": {"server": "owner"}}})
+
+    def worker(rank, comm):
+        picks = {}
+        for preset in ("muonserver", "muonsign", "muonusign"):
+            opt = build_optimizer([("w", torch.nn.Parameter(torch.randn(64, 32)))],
+                                  {"preset": preset, "groups": {"hidden": {"server": "auto"}}}, process_group=comm)
+            picks[preset] = opt._runtimes[0].server
+            assert f"server={picks[preset]}" in opt.describe_routing()
+        return picks
+
+    picks = simulate(2, worker)[0]
+    # owner where it sends no more than replicated; muonusign's float32 downlink would cost 32x its 1-bit uplink
+    assert picks == {"muonserver": "owner", "muonsign": "owner", "muonusign": "replicated"}

@@ -11,7 +11,7 @@ from torch import Tensor
 from commlmo.plugin import CompressorCapabilities, Payload, PluginConfig
 
 from . import _native
-from ._common import LayoutCompressor, WireLayout, dense_nbytes
+from ._common import LayoutCompressor, WireLayout, dense_nbytes, draw_key
 from .bits import add_packed_signs_, pack_signs, packed_nbytes, unpack_signs
 
 __all__ = ["SignCompressor"]
@@ -111,6 +111,12 @@ class SignCompressor(LayoutCompressor):
         if self.config.scale == "none":
             return Payload(wire=(bits,), ctx=ctx)
         return Payload(wire=(bits, _block_means(x.reshape(self._blocks(x.shape), -1))), ctx=ctx)
+
+    def advance_generator(self, generator, shape, dtype) -> bool:
+        # pack_signs draws one 64-bit key per call when zero='random', whatever the data
+        if self.config.zero == "random" and generator is not None:
+            draw_key(generator)
+        return True
 
     def _scales(self, payload: Payload) -> list[float]:
         return [1.0] if self.config.scale == "none" else payload.wire[1].tolist()
