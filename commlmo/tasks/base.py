@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 
-__all__ = ["Task", "SupervisedTask", "shard_size"]
+__all__ = ["Task", "SupervisedTask", "NextTokenTask", "shard_size"]
 
 
 def shard_size(global_batch: int, world_size: int) -> int:
@@ -177,3 +177,56 @@ class SupervisedTask(Task):
         if not math.isfinite(result["loss"]):
             result["loss"] = float("inf")
         return result
+
+
+class NextTokenTask(Task):
+    """Next-token prediction on random windows of a 1-D token stream (``chargpt``, ``gpt``).
+
+    Subclasses set ``cfg`` (with ``block`` and ``eval_batches``), ``train_data`` and
+    ``test_data`` (1-D long tensors), ``rank``, ``seed``, ``global_batch`` and
+    ``local_batch``.  Each step draws ``global_batch`` windows from a generator seeded
+    by the run seed and the step, identical on every rank, and rank ``r`` takes its slice.
+    """
+
+    has_accuracy = True
+    device = torch.device("cpu")
+
+    def to(self, device: torch.device) -> NextTokenTask:
+        super().to(device)
+        self.device = device
+        return self
+
+    def _windows(self, data: Tensor, starts: Tensor) -> tuple[Tensor, Tensor]:
+        offsets = torch.arange(self.cfg.block + 1)
+        w = data[starts[:, None] + offsets]
+        return w[:, :-1].to(self.device), w[:, 1:].to(self.device)
+
+    def train_batch(self, step: int) -> tuple[Tensor, Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        starts = torch.randint(len(self.train_data) - self.cfg.block - 1, (self.global_batch,), generator=g)
+        mine = starts[self.rank * self.local_batch : (self.rank + 1) * self.local_batch]
+        return self._windows(self.train_data, mine)
+
+    def loss(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        x, y = batch
+        logits = self.model(x)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        return loss, {"acc": float((logits.argmax(-1) == y).float().mean())}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out loss and next-token accuracy over ``eval_batches`` fixed batches."""
+        was_training = self.model.training
+        self.model.eval()
+        batch = max(self.global_batch, 32)
+        g = torch.Generator().manual_seed(12345)  # the same held-out windows at every evaluation
+        starts = torch.randint(len(self.test_data) - self.cfg.block - 1, (self.cfg.eval_batches * batch,), generator=g)
+        total, correct, count = 0.0, 0, 0
+        for chunk in starts.split(batch):
+            x, y = self._windows(self.test_data, chunk)
+            logits = self.model(x)
+            total += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
+            correct += int((logits.argmax(-1) == y).sum())
+            count += y.numel()
+        self.model.train(was_training)
+        return {"loss": total / count, "acc": correct / count}

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .base import Task, shard_size
+from .base import NextTokenTask, shard_size
 
 __all__ = ["Config", "CharGPT", "CharGPTTask", "default_corpus", "read_corpus", "build"]
 
@@ -117,10 +117,8 @@ class CharGPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
-class CharGPTTask(Task):
+class CharGPTTask(NextTokenTask):
     """Next-character prediction on random windows of the corpus."""
-
-    has_accuracy = True
 
     def __init__(self, cfg: Config, *, rank: int, world_size: int, seed: int, global_batch: int):
         text, source = read_corpus(cfg.corpus, cfg.max_chars)
@@ -140,46 +138,6 @@ class CharGPTTask(Task):
         })
         self.cfg, self.rank, self.seed, self.global_batch = cfg, rank, seed, global_batch
         self.local_batch = shard_size(global_batch, world_size)
-        self.device = torch.device("cpu")
-
-    def to(self, device: torch.device) -> CharGPTTask:
-        super().to(device)
-        self.device = device
-        return self
-
-    def _windows(self, data: Tensor, starts: Tensor) -> tuple[Tensor, Tensor]:
-        offsets = torch.arange(self.cfg.block + 1)
-        w = data[starts[:, None] + offsets]
-        return w[:, :-1].to(self.device), w[:, 1:].to(self.device)
-
-    def train_batch(self, step: int) -> tuple[Tensor, Tensor]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        starts = torch.randint(len(self.train_data) - self.cfg.block - 1, (self.global_batch,), generator=g)
-        mine = starts[self.rank * self.local_batch : (self.rank + 1) * self.local_batch]
-        return self._windows(self.train_data, mine)
-
-    def loss(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        x, y = batch
-        logits = self.model(x)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        return loss, {"acc": float((logits.argmax(-1) == y).float().mean())}
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        was_training = self.model.training
-        self.model.eval()
-        g = torch.Generator().manual_seed(12345)  # the same held-out windows at every evaluation
-        n = self.cfg.eval_batches * max(self.global_batch, 32)
-        starts = torch.randint(len(self.test_data) - self.cfg.block - 1, (n,), generator=g)
-        total, correct, count = 0.0, 0, 0
-        for chunk in starts.split(max(self.global_batch, 32)):
-            x, y = self._windows(self.test_data, chunk)
-            logits = self.model(x)
-            total += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
-            correct += int((logits.argmax(-1) == y).sum())
-            count += y.numel()
-        self.model.train(was_training)
-        return {"loss": total / count, "acc": correct / count}
 
 
 def build(cfg: Config, *, rank: int, world_size: int, seed: int, global_batch: int) -> CharGPTTask:

@@ -63,7 +63,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .base import Task, shard_size
+from .base import NextTokenTask, shard_size
 from .chargpt import read_corpus
 from .mnist1d import cache_dir
 
@@ -313,10 +313,8 @@ def parameter_counts(cfg: Config, vocab: int | None = None) -> dict[str, Any]:
 # --------------------------------------------------------------------------- task
 
 
-class GPTTask(Task):
+class GPTTask(NextTokenTask):
     """Next-token prediction on random windows of the BPE-encoded corpus."""
-
-    has_accuracy = True
 
     def __init__(self, cfg: Config, *, rank: int, world_size: int, seed: int, global_batch: int):
         tok, ids, meta = load_tokens(cfg)
@@ -343,50 +341,14 @@ class GPTTask(Task):
         self.tokenizer = tok
         self.cfg, self.rank, self.seed, self.global_batch = cfg, rank, seed, global_batch
         self.local_batch = shard_size(global_batch, world_size)
-        self.device = torch.device("cpu")
-
-    def to(self, device: torch.device) -> GPTTask:
-        super().to(device)
-        self.device = device
-        return self
-
-    def _windows(self, data: Tensor, starts: Tensor) -> tuple[Tensor, Tensor]:
-        offsets = torch.arange(self.cfg.block + 1)
-        w = data[starts[:, None] + offsets]
-        return w[:, :-1].to(self.device), w[:, 1:].to(self.device)
-
-    def train_batch(self, step: int) -> tuple[Tensor, Tensor]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        starts = torch.randint(len(self.train_data) - self.cfg.block - 1, (self.global_batch,), generator=g)
-        mine = starts[self.rank * self.local_batch : (self.rank + 1) * self.local_batch]
-        return self._windows(self.train_data, mine)
-
-    def loss(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        x, y = batch
-        logits = self.model(x)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        return loss, {"acc": float((logits.argmax(-1) == y).float().mean())}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Held-out loss, next-token accuracy and perplexity over ``eval_batches`` fixed batches."""
-        was_training = self.model.training
-        self.model.eval()
-        batch = max(self.global_batch, 32)
-        g = torch.Generator().manual_seed(12345)  # the same held-out windows at every evaluation
-        starts = torch.randint(len(self.test_data) - self.cfg.block - 1, (self.cfg.eval_batches * batch,), generator=g)
-        total, correct, count = 0.0, 0, 0
-        for chunk in starts.split(batch):
-            x, y = self._windows(self.test_data, chunk)
-            logits = self.model(x)
-            total += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
-            correct += int((logits.argmax(-1) == y).sum())
-            count += y.numel()
-        self.model.train(was_training)
-        loss = total / count
-        if not math.isfinite(loss):
-            return {"loss": float("inf"), "acc": correct / count, "ppl": float("inf")}
-        return {"loss": loss, "acc": correct / count, "ppl": math.exp(min(loss, 700.0))}
+        out = super().evaluate()
+        loss = out["loss"]
+        return out | {"loss": loss if math.isfinite(loss) else float("inf"),
+                      "ppl": math.exp(min(loss, 700.0)) if math.isfinite(loss) else float("inf")}
 
 
 def build(cfg: Config, *, rank: int, world_size: int, seed: int, global_batch: int) -> GPTTask:
