@@ -23,10 +23,10 @@ from pydantic import Field
 import torch
 from torch import Tensor
 
-from commlmo.plugin import Aggregator, AggregatorCapabilities, Compressor, PluginConfig
+from commlmo.plugin import AggregatorCapabilities, Compressor, PluginConfig
 from commlmo.transport import mean_of_payloads
 
-from .mean import average, pick_mean_transport, transport_problem
+from .mean import MeanTransported, average
 
 __all__ = ["EF21", "EF21Config", "damping"]
 
@@ -39,7 +39,7 @@ class EF21Config(PluginConfig):
         "auto", description="How the compressed differences travel, as for `mean`.")
 
 
-class EF21(Aggregator):
+class EF21(MeanTransported):
     """EF21 error feedback: send C(v_i - g_i), keep g_i and g = mean g_i in optimizer state."""
 
     Config = EF21Config
@@ -52,17 +52,13 @@ class EF21(Aggregator):
                 f"aggregator 'ef21' needs a contractive (or unbiased) uplink compressor; {uplink_kind!r} "
                 "with this config is neither (e.g. use sign with scale: mean, topk, rankk or natural)"
             )
-        return transport_problem(config.transport, uplink_kind, uplink)
+        return super().check_uplink(config, uplink_kind, uplink)
 
     def init_state(self, param: Tensor) -> dict[str, Tensor]:
         return {"ef21_local": torch.zeros_like(param), "ef21_global": torch.zeros_like(param)}
 
     def message(self, v: Tensor, state: dict[str, Tensor]) -> Tensor:
         return v - state["ef21_local"]
-
-    def plan(self, uplink: Compressor, *, world_size: int, payload_bytes: int, dense_entries: int) -> str:
-        return pick_mean_transport(self.config.transport, uplink.capabilities, uplink_kind=uplink.kind,
-                                   world_size=world_size, payload_bytes=payload_bytes)
 
     def aggregate(self, payloads, messages, states, *, codecs, comm, generators, transport, label) -> list[Tensor]:
         means = mean_of_payloads(payloads, codecs, comm, transport=transport, label=f"{label}/ef21")  # type: ignore[arg-type]

@@ -24,10 +24,10 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from commlmo.plugin import Aggregator, AggregatorCapabilities, Compressor, PluginConfig
+from commlmo.plugin import AggregatorCapabilities, PluginConfig
 from commlmo.transport import mean_of_payloads
 
-from .mean import average, pick_mean_transport, transport_problem
+from .mean import MeanTransported, average
 
 __all__ = ["ErrorFeedback", "ErrorFeedbackConfig"]
 
@@ -40,25 +40,17 @@ class ErrorFeedbackConfig(PluginConfig):
         "auto", description="How the compressed messages travel, as for `mean`.")
 
 
-class ErrorFeedback(Aggregator):
+class ErrorFeedback(MeanTransported):
     """Error-compensated mean: send C(v_i + e_i), keep e_i = what compression dropped (1-bit Adam's uplink)."""
 
     Config = ErrorFeedbackConfig
     capabilities = AggregatorCapabilities(stateful=True)
-
-    @classmethod
-    def check_uplink(cls, config, uplink_kind, uplink) -> str | None:
-        return transport_problem(config.transport, uplink_kind, uplink)
 
     def init_state(self, param: Tensor) -> dict[str, Tensor]:
         return {"ef_error": torch.zeros_like(param)}
 
     def message(self, v: Tensor, state: dict[str, Tensor]) -> Tensor:
         return v + state["ef_error"]
-
-    def plan(self, uplink: Compressor, *, world_size: int, payload_bytes: int, dense_entries: int) -> str:
-        return pick_mean_transport(self.config.transport, uplink.capabilities, uplink_kind=uplink.kind,
-                                   world_size=world_size, payload_bytes=payload_bytes)
 
     def aggregate(self, payloads, messages, states, *, codecs, comm, generators, transport, label) -> list[Tensor]:
         means = mean_of_payloads(payloads, codecs, comm, transport=transport, label=f"{label}/error_feedback")  # type: ignore[arg-type]

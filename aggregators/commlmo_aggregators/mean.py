@@ -13,7 +13,7 @@ from torch import Tensor
 from commlmo.plugin import Aggregator, Compressor, CompressorCapabilities, Payload, PluginConfig
 from commlmo.transport import cheapest, mean_of_payloads
 
-__all__ = ["Mean", "MeanConfig", "average", "pick_mean_transport", "transport_problem"]
+__all__ = ["Mean", "MeanConfig", "MeanTransported", "average", "pick_mean_transport", "transport_problem"]
 
 MeanTransport = Literal["auto", "owner", "allreduce", "allgather"]
 
@@ -60,15 +60,9 @@ def transport_problem(transport: str, uplink_kind: str, uplink: CompressorCapabi
     return None
 
 
-class Mean(Aggregator):
-    """Average of the decompressed uplink messages (DDP's all-reduce when the uplink is identity).
-
-    With a summable uplink (identity, shared-seed randk) the wire tensors are
-    summed in compressed form; otherwise every rank all-gathers every payload
-    and decodes it, and that is the cost reported.
-    """
-
-    Config = MeanConfig
+class MeanTransported(Aggregator):
+    """Base of the aggregators whose payloads travel as a mean (``mean``, ``ef21``, ``error_feedback``):
+    a ``transport`` config field checked against the uplink and resolved once by :func:`pick_mean_transport`."""
 
     @classmethod
     def check_uplink(cls, config, uplink_kind, uplink) -> str | None:
@@ -77,6 +71,17 @@ class Mean(Aggregator):
     def plan(self, uplink: Compressor, *, world_size: int, payload_bytes: int, dense_entries: int) -> str:
         return pick_mean_transport(self.config.transport, uplink.capabilities, uplink_kind=uplink.kind,
                                    world_size=world_size, payload_bytes=payload_bytes)
+
+
+class Mean(MeanTransported):
+    """Average of the decompressed uplink messages (DDP's all-reduce when the uplink is identity).
+
+    With a summable uplink (identity, shared-seed randk) the wire tensors are
+    summed in compressed form; otherwise every rank all-gathers every payload
+    and decodes it, and that is the cost reported.
+    """
+
+    Config = MeanConfig
 
     def aggregate(self, payloads: Sequence[Payload], messages, states, *, codecs, comm, generators, transport,
                   label) -> list[Tensor]:
