@@ -259,13 +259,17 @@ class SimulatedComm(Communicator):
         return torch.cat([p.view(self.world_size, -1)[self.rank] for p in parts])
 
 
-def simulate(world_size: int, fn: Callable[[int, Communicator], Any]) -> list[Any]:
+def simulate(world_size: int, fn: Callable[[int, Communicator], Any], *, timeout: float | None = None) -> list[Any]:
     """Run ``fn(rank, comm)`` on ``world_size`` simulated ranks (threads); return their results.
 
     An exception on any rank aborts the rendezvous so the others fail fast
-    instead of waiting forever, and is re-raised here.
+    instead of waiting forever, and is re-raised here.  With ``timeout`` a rank
+    that waits longer than that in a collective (another rank called a different
+    one, or none) breaks the rendezvous: ``threading.BrokenBarrierError``.
     """
     hub = _Hub(world_size)
+    if timeout is not None:
+        hub.barrier = threading.Barrier(world_size, timeout=timeout)
     results: list[Any] = [None] * world_size
     errors: list[BaseException | None] = [None] * world_size
 

@@ -78,7 +78,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from commlmo.comm import Communicator, SimulatedComm, _Hub
+from commlmo.comm import Communicator, simulate
 from commlmo.errors import DistributedError
 from commlmo.pipeline import Generators, corrupt
 from commlmo.plugin import Aggregator, Compressor, Encoded
@@ -329,31 +329,11 @@ class _Timeout(Exception):
 
 
 def _simulate(world_size: int, fn: Callable[[int, Communicator], Any], timeout: float) -> list[Any]:
-    """:func:`commlmo.simulate`, with a rendezvous that gives up after ``timeout`` seconds."""
-    hub = _Hub(world_size)
-    hub.barrier = threading.Barrier(world_size, timeout=timeout)
-    results: list[Any] = [None] * world_size
-    errors: list[BaseException | None] = [None] * world_size
-
-    def run(rank: int) -> None:
-        try:
-            results[rank] = fn(rank, SimulatedComm(rank, hub))
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            errors[rank] = exc
-            hub.barrier.abort()
-
-    threads = [threading.Thread(target=run, args=(r,), name=f"commlmo-kit-{r}", daemon=True)
-               for r in range(world_size)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    first = next((e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError)), None)
-    if first is not None:
-        raise first
-    if any(e is not None for e in errors):
-        raise _Timeout()
-    return results
+    """:func:`commlmo.simulate` with a rendezvous that gives up after ``timeout`` seconds (:class:`_Timeout`)."""
+    try:
+        return simulate(world_size, fn, timeout=timeout)
+    except threading.BrokenBarrierError:  # every rank's error was the broken rendezvous: a timeout
+        raise _Timeout() from None
 
 
 @dataclass
