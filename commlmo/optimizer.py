@@ -288,11 +288,8 @@ class CommOptimizer(torch.optim.Optimizer):
             members = [m for key, ms in buckets.items() if key[0] == gi for m in ms]
             if not members:
                 continue
-            rt = GroupRuntime.build(gcfg, index=gi, seed=config.seed, rank=comm.rank, device=members[0][1].device)
-            rt.adversary = adversary
-            rt.views = {id(p): ViewConfig.model_validate(views[n]) for n, p in members if views and n in views}
-            rt.transport = rt.plan([p for _, p in members], world_size=comm.world_size)
-            self._plan_server(rt, gcfg, [p for _, p in members], comm.world_size)
+            rt = self._build_runtime(gcfg, gi, members, views=views, seed=config.seed, comm=comm,
+                                     adversary=adversary)
             for name, p in members:
                 self._check_member(rt, gcfg, name, p)
             runtimes[gi] = rt
@@ -385,10 +382,8 @@ class CommOptimizer(torch.optim.Optimizer):
             gcfg, members = all_groups[gi], new[gi]
             rt = next((r for r in self._runtimes if r.index == gi), None)
             if rt is None:  # a config group no parameter took so far: build it now
-                rt = GroupRuntime.build(gcfg, index=gi, seed=self.config.seed, rank=self.comm.rank,
-                                        device=members[0][1].device, params=[p for _, p in members],
-                                        world_size=self.comm.world_size)
-                rt.adversary = self._adversary
+                rt = self._build_runtime(gcfg, gi, members, views=None, seed=self.config.seed, comm=self.comm,
+                                         adversary=self._adversary)
             for name, p in members:
                 self._check_member(rt, gcfg, name, p)
             plan.append((rt, self._entry(gcfg, members, lr=o.get("lr", gcfg.lr),
@@ -401,6 +396,17 @@ class CommOptimizer(torch.optim.Optimizer):
             self._runtimes.append(rt)
         self._roles.update(roles)
         self._layout_checked = False
+
+    @classmethod
+    def _build_runtime(cls, gcfg: Any, index: int, members: list[tuple[str, Tensor]], *, views: dict | None,
+                       seed: int, comm: Communicator, adversary: Adversary | None) -> GroupRuntime:
+        """A group's plugins and its plan (block views, transport, server role) for ``members``."""
+        rt = GroupRuntime.build(gcfg, index=index, seed=seed, rank=comm.rank, device=members[0][1].device)
+        rt.adversary = adversary
+        rt.views = {id(p): ViewConfig.model_validate(views[n]) for n, p in members if views and n in views}
+        rt.transport = rt.plan([p for _, p in members], world_size=comm.world_size)
+        cls._plan_server(rt, gcfg, [p for _, p in members], comm.world_size)
+        return rt
 
     @staticmethod
     def _plan_server(rt: GroupRuntime, gcfg: Any, params: list[Tensor], world_size: int) -> None:

@@ -14,7 +14,7 @@ EF21-Muon (Gruntkowska et al. 2025) and of Scion/Gluon, with element-wise rules
 (AdamW, Distributed Lion, 1-bit Adam) for the parameters that are not matrices.
 "Server" is a role: the aggregate is already on every rank, so the server's LMO
 and downlink run redundantly on each rank and cost no traffic.  The transport of
-each group is chosen once, when the optimizer is built (:meth:`GroupRuntime.build`).
+each group is chosen once, when the optimizer is built (:meth:`GroupRuntime.plan`).
 
 A group's ``view`` says how the LMO, the learning-rate rule and scaled
 compressors see a tensor: one matrix (conv kernels ``out x in*kh*kw``), a stack
@@ -37,7 +37,7 @@ from .comm import Communicator
 from .transport import mean_of_payloads
 from .config import GroupConfig, MomentumConfig, ViewConfig
 from .errors import AggregatorOutputError
-from .plugin import LMO, Aggregator, Compressor, Encoded, LRRule, Payload, Rule
+from .plugin import LMO, Aggregator, Compressor, Encoded, LRRule, Rule
 
 __all__ = ["Generators", "GroupRuntime", "momentum_update", "step_family", "corrupt", "Adversary", "block_directions"]
 
@@ -168,9 +168,8 @@ class GroupRuntime:
     _codecs: dict = field(default_factory=dict)
 
     @classmethod
-    def build(cls, config: GroupConfig, *, index: int, seed: int, rank: int, device: torch.device,
-              params: Sequence[Tensor] = (), world_size: int = 1) -> GroupRuntime:
-        """Build the group's plugins and plan its transport for ``params`` on ``world_size`` ranks."""
+    def build(cls, config: GroupConfig, *, index: int, seed: int, rank: int, device: torch.device) -> GroupRuntime:
+        """Build the group's plugins; the caller plans its transport (:meth:`plan`) once its parameters are known."""
         lmo = registry.build_plugin("lmo", config.lmo) if config.lmo is not None else None
         rule = registry.build_plugin("rule", config.rule) if config.rule is not None else None
         uplink = registry.build_plugin("compressor", config.uplink)
@@ -183,7 +182,6 @@ class GroupRuntime:
             family=step_family(lmo, config.lmo_at, aggregator, downlink, rule),  # type: ignore[arg-type]
             generators=Generators(seed=seed, group_index=index, rank=rank, device=device),
         )
-        rt.transport = rt.plan(params, world_size=world_size)
         return rt
 
     # ------------------------------------------------------------------ plan

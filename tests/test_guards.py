@@ -168,3 +168,16 @@ def test_the_owner_role_is_refused_where_it_is_not_supported_and_auto_says_what_
     picks = simulate(2, worker)[0]
     # owner where it sends no more than replicated; muonusign's float32 downlink would cost 32x its 1-bit uplink
     assert picks == {"muonserver": "owner", "muonsign": "owner", "muonusign": "replicated"}
+
+
+def test_a_group_built_by_add_param_group_gets_its_configured_server_role():
+    """add_param_group built a group's runtime without its server role: `server: owner` ran replicated."""
+    cfg = {"preset": "muonserver", "groups": {"hidden": {"server": "owner"}}}
+
+    def worker(rank, comm):
+        torch.manual_seed(0)
+        opt = build_optimizer([("b", torch.nn.Parameter(torch.randn(5)))], cfg, process_group=comm)
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(6, 4))], "group": "hidden"})
+        return {g["group"]: rt.server for g, rt in zip(opt.param_groups, opt._runtimes)}
+
+    assert simulate(2, worker)[0]["hidden"] == "owner"
