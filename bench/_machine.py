@@ -1,4 +1,4 @@
-"""One line describing the machine a benchmark ran on (shared by the bench scripts)."""
+"""What the bench scripts share: the machine they ran on, their provenance lines, timed optimizer steps."""
 
 from __future__ import annotations
 
@@ -30,3 +30,20 @@ def provenance(started: float, machine: str) -> list[str]:
         f"{time.perf_counter() - started:.0f} s.",
         f"Machine: {machine}.",
     ]
+
+
+def timed_steps(opt, params, grads, steps: int, *, barrier: bool = True) -> list[float]:
+    """Seconds of each of ``steps`` optimizer steps, every parameter given its gradient first
+    (and the ranks lined up by a barrier, so a step's time is its own)."""
+    import torch.distributed as dist
+
+    times = []
+    for _ in range(steps):
+        for p, g in zip(params, grads):
+            p.grad = g
+        if barrier and dist.is_initialized():
+            dist.barrier()
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return times

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 import commlmo
 from commlmo.launch import spawn
+from commlmo.metrics import human_bytes
 
 EXTRA = {
     "ef21muon_topk_fp32": {"preset": "ef21muon", "groups": {"hidden": {"uplink": {
@@ -73,14 +74,6 @@ def worker(rank: int, world: int, size: int, layers: int, steps: int, configs: d
     return out
 
 
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
-        n /= 1024
-    return str(n)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world", type=int, nargs="+", default=[2, 4])
@@ -108,14 +101,14 @@ def main() -> None:
         lines += [
             f"## M = {m} workers",
             "",
-            f"Baseline float32 all-reduce: {fmt_bytes(base['sent'])} sent per worker, {base['time'] * 1e3:.1f} ms.",
+            f"Baseline float32 all-reduce: {human_bytes(base['sent'])} sent per worker, {base['time'] * 1e3:.1f} ms.",
             "",
             "| method | sent / step | received / step | fewer bytes than fp32 all-reduce | time / step (ms) | time vs all-reduce |",
             "|---|---:|---:|---:|---:|---:|",
         ]
         for name, r in res.items():
             ratio = base["sent"] / r["sent"] if r["sent"] else float("inf")
-            lines.append(f"| {name} | {fmt_bytes(r['sent'])} | {fmt_bytes(r['received'])} | {ratio:.1f}x | "
+            lines.append(f"| {name} | {human_bytes(r['sent'])} | {human_bytes(r['received'])} | {ratio:.1f}x | "
                          f"{r['time'] * 1e3:.1f} | {r['time'] / base['time']:.2f}x |")
         lines.append("")
         print("\n".join(lines[-len(res) - 6:]), flush=True)

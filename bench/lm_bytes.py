@@ -22,7 +22,6 @@ SignMuon code): non-matrix parameters on a float32 mean.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import commlmo  # noqa: E402
-from _machine import describe_machine, provenance  # noqa: E402
+from _machine import describe_machine, provenance, timed_steps  # noqa: E402
+from commlmo.metrics import human_bytes  # noqa: E402
 from commlmo.launch import spawn  # noqa: E402
 from commlmo.tasks.gpt import GPT  # noqa: E402
 
@@ -71,13 +71,7 @@ def worker(rank: int, world: int, model_name: str, configs: dict) -> dict:
             for p, s in zip(params, snapshot):
                 p.copy_(s)
         opt = commlmo.build_optimizer(model, steady_state(cfg))
-        for _ in range(2):  # the second step: past 1-bit Adam's (shortened) warm-up
-            for p, gr in zip(params, grads):
-                p.grad = gr
-            dist.barrier()
-            t0 = time.perf_counter()
-            opt.step()
-            elapsed = time.perf_counter() - t0
+        elapsed = timed_steps(opt, params, grads, 2)[-1]  # the second step: past 1-bit Adam's (shortened) warm-up
         by_group: dict[str, int] = {}
         for label, row in opt.bytes.step.items():
             by_group[label.split("/")[0]] = by_group.get(label.split("/")[0], 0) + row["sent"]
@@ -88,11 +82,7 @@ def worker(rank: int, world: int, model_name: str, configs: dict) -> dict:
 
 
 def fmt(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} B" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
+    return human_bytes(n, digits=2)
 
 
 def table(model_name: str, world: int, res: dict) -> list[str]:

@@ -10,13 +10,15 @@ is about 1/M of the replicated role's at the same bytes.
 from __future__ import annotations
 
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-import commlmo
-from commlmo.launch import spawn
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import commlmo  # noqa: E402
+from _machine import timed_steps  # noqa: E402
+from commlmo.launch import spawn  # noqa: E402
 
 CONFIGS = {
     "muonserver": "muonserver",
@@ -35,14 +37,7 @@ def worker(rank: int, world: int) -> dict:
         opt = commlmo.build_optimizer([(f"w{i}", p) for i, p in enumerate(params)], cfg)
         g = torch.Generator().manual_seed(rank)
         grads = [torch.randn(512, 512, generator=g) for _ in params]
-        times = []
-        for _ in range(5):
-            for p, gr in zip(params, grads):
-                p.grad = gr
-            dist.barrier()
-            t0 = time.perf_counter()
-            opt.step()
-            times.append(time.perf_counter() - t0)
+        times = timed_steps(opt, params, grads, 5)
         out[name] = (statistics.median(times[1:]), opt.bytes.step_sent)
     return out
 

@@ -36,7 +36,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import commlmo  # noqa: E402
-from _machine import describe_machine, provenance  # noqa: E402
+from _machine import describe_machine, provenance, timed_steps  # noqa: E402
+from commlmo.metrics import human_bytes  # noqa: E402
 from commlmo.launch import spawn  # noqa: E402
 from commlmo.transport import bytes_per_rank  # noqa: E402
 
@@ -96,14 +97,8 @@ def worker(rank: int, world: int, configs: dict, dims: dict, steps: int) -> dict
             for p, s in zip(params, snapshot):
                 p.copy_(s)
         opt = commlmo.build_optimizer(model, steady_state(cfg))
-        elapsed = []
-        for _ in range(1 + steps):  # a warm-up step (layout check, 1-bit Adam's float32 step), then the measured
-            for p, gr in zip(params, grads):
-                p.grad = gr
-            dist.barrier()
-            t0 = time.perf_counter()
-            opt.step()
-            elapsed.append(time.perf_counter() - t0)
+        # a warm-up step (layout check, 1-bit Adam's float32 step), then the measured ones
+        elapsed = timed_steps(opt, params, grads, 1 + steps)
         out[name] = {"book": {k: dict(v) for k, v in opt.bytes.step.items()}, "time": statistics.median(elapsed[1:]),
                      "transports": {gr["group"]: rt.transport for rt, gr in zip(opt._runtimes, opt.param_groups)}}
         del opt
@@ -185,12 +180,6 @@ def measured_by_group(book: dict) -> dict[str, tuple[int, int]]:
 # ----------------------------------------------------------------------------- report
 
 
-def fmt(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def fmt_s(t: float) -> str:
@@ -386,9 +375,9 @@ def main() -> None:
     rule = "|---|" + "---:|" * len(worlds)
     lines += ["## Measured: bytes per rank per step (ratio vs float32 all-reduce)", "",
               "Float32 all-reduce of every parameter: " +
-              ", ".join(f"{fmt(base[m])} at M = {m}" for m in worlds) + ".", "", head, rule]
+              ", ".join(f"{human_bytes(base[m])} at M = {m}" for m in worlds) + ".", "", head, rule]
     for name in configs:
-        lines.append(f"| {name} | " + " | ".join(f"{fmt(sent[name][m])} ({base[m] / sent[name][m]:.1f}x)"
+        lines.append(f"| {name} | " + " | ".join(f"{human_bytes(sent[name][m])} ({base[m] / sent[name][m]:.1f}x)"
                                                   for m in worlds) + " |")
     lines += ["", "Each rank's payload (declared wire bytes of one step, what the model multiplies) and the transport "
               f"of each group, at M = {worlds[-1]}:", "",
@@ -398,7 +387,7 @@ def main() -> None:
     for name in configs:
         per = model_at[name][worlds[-1]]
         lines.append(f"| {name} | " + " | ".join(
-            f"{fmt(payloads[name][g])}, {per[g][2]}" if g in payloads[name] else "—" for g in groups)
+            f"{human_bytes(payloads[name][g])}, {per[g][2]}" if g in payloads[name] else "—" for g in groups)
             + f" | {calls[name][worlds[-1]]} |")
     lines.append("")
 
@@ -450,9 +439,9 @@ def main() -> None:
               "Bytes per rank per step from the cost model (the transports re-planned for each M), and the ratio "
               "vs a float32 all-reduce:", "",
               "| preset | " + " | ".join(f"M = {m}" for m in projected) + " |", "|---|" + "---:|" * len(projected),
-              "| float32 all-reduce | " + " | ".join(fmt(base[m]) for m in projected) + " |"]
+              "| float32 all-reduce | " + " | ".join(human_bytes(base[m]) for m in projected) + " |"]
     for name in configs:
-        lines.append(f"| {name} | " + " | ".join(f"{fmt(model_bytes[name][m])} ({base[m] / model_bytes[name][m]:.1f}x)"
+        lines.append(f"| {name} | " + " | ".join(f"{human_bytes(model_bytes[name][m])} ({base[m] / model_bytes[name][m]:.1f}x)"
                                                   for m in projected) + " |")
     lines += ["", f"Time per step, compute (the step time at M = {compute_m} less its loopback communication, as above; "
               "the replicated LMO does not shrink with M) "

@@ -75,13 +75,13 @@ def _truncate_after(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def human_bytes(n: float) -> str:
-    """``1536 -> '1.5 KiB'``."""
+def human_bytes(n: float, *, digits: int = 1) -> str:
+    """``1536 -> '1.5 KiB'`` (``digits`` after the point above bytes)."""
     if not math.isfinite(n):
         return "-"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.{digits}f} {unit}"
         n /= 1024
     raise AssertionError  # pragma: no cover
 
