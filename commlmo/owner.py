@@ -210,13 +210,9 @@ def owner_step(
             down_chunks.extend(as_bytes(w) for w in payload.wire)
 
     # downlink: every owner's compressed steps to every rank
-    lengths = []
-    for r in range(m):
-        total = 0
-        for i, (p, o) in enumerate(zip(params, owners)):
-            if o == r:
-                total += rt.codec(p, rt.downlink).wire_nbytes(p.shape, p.dtype)
-        lengths.append(total)
+    lengths = [0] * m  # each owner's downlink bytes: the all-gather's row length is the largest
+    for p, o in zip(params, owners):
+        lengths[o] += rt.codec(p, rt.downlink).wire_nbytes(p.shape, p.dtype)
     length = max(max(lengths), 1)
     flat = torch.zeros(length, dtype=torch.uint8)
     if down_chunks:

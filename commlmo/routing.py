@@ -41,10 +41,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from torch import Tensor, nn
 
-__all__ = ["Role", "ROLES", "parameter_roles", "parameter_views", "role_by_shape", "describe_routing"]
+__all__ = ["Role", "ROLES", "parameter_roles", "parameter_views", "role_by_shape"]
 
 Role = Literal["hidden", "embedding", "head", "norm", "bias", "vector"]
 ROLES: tuple[str, ...] = ("hidden", "embedding", "head", "norm", "bias", "vector")
@@ -116,14 +115,3 @@ def parameter_views(model: nn.Module) -> dict[str, dict]:
         if view is not None:
             out[name] = view
     return out
-
-
-def describe_routing(routing: dict[str, list[tuple[str, str, tuple[int, ...]]]]) -> str:
-    """A table of ``group: name (role, shape)`` lines for logs and ``commlmo train``."""
-    lines = []
-    for group, members in routing.items():
-        numel = sum(int(torch.Size(shape).numel()) for _, _, shape in members)
-        lines.append(f"{group}: {len(members)} tensors, {numel:,} entries")
-        for name, role, shape in members:
-            lines.append(f"  {name}  [{role}]  {tuple(shape)}")
-    return "\n".join(lines)
