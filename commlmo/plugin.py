@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -109,11 +110,7 @@ class Plugin:
         expose ``capabilities`` as a property that calls it); the default reads the
         class attribute, or builds the plugin only if ``capabilities`` is a property.
         """
-        caps = cls.__dict__.get("capabilities", None)
-        for klass in cls.__mro__:
-            if "capabilities" in klass.__dict__:
-                caps = klass.__dict__["capabilities"]
-                break
+        caps = inspect.getattr_static(cls, "capabilities", None)  # the class attribute, or the property itself
         if isinstance(caps, property):
             return cls(config).capabilities
         return caps
