@@ -7,21 +7,22 @@ does: every worker sends its gradient, the server role (every rank) runs::
     D  = (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
     X <- X (1 - lr wd) - lr D
 
-(``torch.optim.AdamW``'s arithmetic, so the two agree to rounding).  Any other
+(``torch.optim.AdamW``'s arithmetic and operation order, so the two agree bit for bit:
+the direction is handed on unevaluated and applied as torch applies it,
+``X.addcdiv_(m, denom, value=-lr / (1 - b1^t))``).  Any other
 uplink gives AdamW on a compressed mean.  The moments and the step count live in
 the optimizer state (``exp_avg``, ``exp_avg_sq``, ``adam_step``).
 """
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
-from commlmo.plugin import PluginConfig, Rule, RuleCapabilities
+from commlmo.plugin import Encoded, Payload, PluginConfig, Rule, RuleCapabilities
 
 from ._common import Beta
 
@@ -51,6 +52,32 @@ class AdamW(Rule):
         t = state["adam_step"] + 1
         n = float(t)
         bias1, bias2 = 1 - b1**n, 1 - b2**n
-        denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(self.config.eps)
-        direction = (exp_avg / denom).div_(bias1)
+        denom = (exp_avg_sq.sqrt() / bias2**0.5).add_(self.config.eps)
+        direction = Encoded(Payload((exp_avg, denom), {"bias1": bias1}), _QUOTIENT)
         return direction, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "adam_step": t}
+
+
+class _Quotient:
+    """The step ``m / denom / bias1``, applied the way ``torch.optim.AdamW`` applies it.
+
+    torch computes ``X + (-lr / bias1) * m / denom`` in one ``addcdiv_``; dividing
+    first and scaling after rounds differently, and one ulp in a bias is enough for
+    bf16 Newton--Schulz on the other layers to amplify it within a few steps.
+    """
+
+    kind = "adamw_direction"
+
+    @staticmethod
+    def decompress(payload: Payload) -> Tensor:
+        m, denom = payload.wire
+        return (m / denom).div_(payload.ctx["bias1"])
+
+    @staticmethod
+    def decompress_add_(target: Tensor, payload: Payload, *, alpha: float = 1.0) -> Tensor:
+        m, denom = payload.wire
+        if m.dtype != target.dtype:
+            return target.add_(_Quotient.decompress(payload).to(target.dtype), alpha=alpha)
+        return target.addcdiv_(m, denom, value=alpha / payload.ctx["bias1"])
+
+
+_QUOTIENT = _Quotient()
