@@ -22,6 +22,7 @@ __all__ = [
     "counter_hash",
     "dense_nbytes",
     "draw_key",
+    "draw_key_tensor",
     "index_dtype",
     "require_generator",
     "resolve_k",
@@ -65,9 +66,11 @@ def check_finite(x: Tensor, name: str) -> None:
     """Raise :class:`NonFiniteInputError` if ``x`` has NaN or Inf (one read of ``x``).
 
     A finite sum proves every entry finite; a non-finite sum may also be an
-    overflow of finite entries, so only then is each entry checked.
+    overflow of finite entries, so only then is each entry checked.  Skipped
+    under ``torch.compile``, where raising on data needs a host read (a graph
+    break): a compiled caller checks its inputs itself, as the optimizer does.
     """
-    if inputs_known_finite():  # the optimizer agreed on finite gradients already
+    if torch.compiler.is_compiling() or inputs_known_finite():  # the optimizer agreed on finite gradients
         return
     if x.numel() and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
         raise NonFiniteInputError(f"{name}: input has NaN or Inf entries; nothing was compressed")
@@ -113,10 +116,15 @@ def index_dtype(numel: int) -> torch.dtype:
 _MASK32 = 0xFFFFFFFF
 
 
+def draw_key_tensor(generator: torch.Generator) -> Tensor:
+    """Two 32-bit words from ``generator`` as an int64 tensor on its device (no host read):
+    the key of :func:`counter_hash` for one call, as the ``commlmo::`` ops take it."""
+    return torch.randint(0, 2**32, (2,), dtype=torch.int64, generator=generator, device=generator.device)
+
+
 def draw_key(generator: torch.Generator) -> tuple[int, int]:
-    """Two 32-bit words from ``generator``: the key of :func:`counter_hash` for one call."""
-    words = torch.randint(0, 2**32, (2,), dtype=torch.int64, generator=generator, device=generator.device)
-    k1, k2 = words.tolist()
+    """The key of :func:`draw_key_tensor` as two Python ints (the same draw from ``generator``)."""
+    k1, k2 = draw_key_tensor(generator).tolist()
     return k1, k2
 
 
@@ -129,14 +137,15 @@ def _mix32(h: Tensor) -> Tensor:
     return h ^ (h >> 15)
 
 
-def counter_hash(index: Tensor, key: tuple[int, int]) -> Tensor:
+def counter_hash(index: Tensor, key: tuple[int, int] | Tensor) -> Tensor:
     """32 pseudo-random bits (as int64) per entry index, bit-identical to the C kernels.
 
     A counter-based generator: entry ``i`` gets ``mix(mix(i ^ k1) + k2)``, so a
     stochastic compressor draws one 64-bit key from its ``torch.Generator`` per
     call instead of one random number per entry (drawing 16 M floats from a CPU
-    generator takes ~75 ms, the hash ~1 ms in C).
+    generator takes ~75 ms, the hash ~1 ms in C).  ``key`` is two ints or an
+    int64 tensor of two (on ``index``'s device: no host read).
     """
-    k1, k2 = key
+    k1, k2 = key[0], key[1]
     h = _mix32((index.to(torch.int64) & _MASK32) ^ k1)
     return _mix32((h + k2) & _MASK32)

@@ -9,7 +9,8 @@ compare the two bit for bit (or to float rounding, for the matrix products).
 * ``abs_sum_f32`` (scaled sign, :mod:`.sign`);
 * ``natural_f32``, ``natural_decode_f32`` (:mod:`.natural`);
 * ``topk_abs_f32`` (:mod:`.topk`);
-* ``xq_f32``, ``xtp_f32``, ``xq_xtp_f32`` (PowerSGD's skinny products, :mod:`.rankk`).
+* ``xq_f32``, ``xtp_f32``, ``xq_xtp_f32`` (PowerSGD's skinny products, :mod:`.rankk`);
+* ``vote_words_i64`` (the bit-sliced majority vote, ``commlmo_aggregators.vote``).
 """
 
 SOURCE = r"""#ifdef _OPENMP
@@ -395,6 +396,46 @@ void xq_xtp_f32(const float* restrict X, int64_t m, int64_t n, const float* rest
                 xq_rows(X, i0 + s, i0 + e, n, Qt, r, P);
             }
             xtp_rows(X, i0, i0 + rows, n, P, r, parts + (int64_t)t * r * n);
+        }
+    }
+}
+/* Bit-sliced majority vote: rows is m x w words (row-major); for every bit position, out = 1 where more
+   than m/2 rows have a 1.  A ripple-carry counter kept as bit planes counts the ones of 64 words at
+   once (planes[k][j] = bit k of the count), then a comparison against m/2 from the top plane down.
+   Ties (even m, exactly m/2 ones): with ties given, the tie mask goes there and out has 0 at ties;
+   otherwise out takes tie's bit (tie must then be given).  Same operations, in the same order, as the torch twin. */
+#define VOTE_BLOCK 64
+void vote_words_i64(const uint64_t* restrict rows, int64_t m, int64_t w, const uint64_t* restrict tie,
+                    uint64_t* restrict out, uint64_t* restrict ties, int nt) {
+    int np = 0;
+    while ((m >> np) != 0) np++;  /* bit length of m: planes enough to count to m */
+    uint64_t half = (uint64_t)m / 2;
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t b0 = 0; b0 < w; b0 += VOTE_BLOCK) {
+        int64_t bn = w - b0 < VOTE_BLOCK ? w - b0 : VOTE_BLOCK;
+        uint64_t planes[64][VOTE_BLOCK], carry[VOTE_BLOCK];
+        for (int k = 0; k < np; k++) memset(planes[k], 0, sizeof planes[k]);
+        for (int64_t r = 0; r < m; r++) {
+            memcpy(carry, rows + r * w + b0, (size_t)bn * 8);
+            for (int k = 0; k < np; k++)
+                for (int64_t j = 0; j < bn; j++) {
+                    uint64_t p = planes[k][j];
+                    planes[k][j] = p ^ carry[j];
+                    carry[j] = p & carry[j];
+                }
+        }
+        for (int64_t j = 0; j < bn; j++) {
+            uint64_t gt = 0, eq = ~(uint64_t)0;
+            for (int k = np - 1; k >= 0; k--) {
+                uint64_t c = planes[k][j];
+                if ((half >> k) & 1u) eq &= c;
+                else { gt |= eq & c; eq &= ~c; }
+            }
+            if (m % 2 == 0) {
+                if (ties) ties[b0 + j] = eq;
+                else gt |= eq & tie[b0 + j];
+            }
+            out[b0 + j] = gt;
         }
     }
 }

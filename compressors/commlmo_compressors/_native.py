@@ -10,11 +10,15 @@ per kernel and dtype.  These kernels are plain C11 + OpenMP, about 1 s to
 build, cached under ``$COMMLMO_KERNEL_CACHE`` (default ``~/.cache/commlmo``)
 keyed by the source hash and the CPU, and loaded with :mod:`ctypes`.
 
-Every kernel has an eager torch twin in its calling module that gives the same
-bits (the same values up to float rounding, for PowerSGD's matrix products);
-the kernels are used only for contiguous CPU tensors,
-and :func:`kernels` returns ``None`` (with one warning) when no compiler is
-available.  ``COMMLMO_NATIVE_KERNELS=0`` disables them.
+Nothing calls a kernel directly: each is the CPU implementation of a
+``torch.library`` custom op (``torch.ops.commlmo.*``, defined next to its eager
+twin in the calling module), so dispatch, FakeTensor and ``torch.compile`` see
+an operator with a shape function, never a ``data_ptr()``.  Every kernel has an
+eager torch twin that gives the same bits (the same values up to float
+rounding, for PowerSGD's matrix products); the kernels run only on plain
+contiguous CPU tensors (:func:`available`), and :func:`kernels` returns
+``None`` (with one warning) when no compiler is available.
+``COMMLMO_NATIVE_KERNELS=0`` disables them.
 """
 
 from __future__ import annotations
@@ -29,13 +33,16 @@ import sys
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode, is_traceable_wrapper_subclass
 
 from ._csrc import SOURCE
 
-__all__ = ["available", "kernels", "num_threads"]
+__all__ = ["available", "call", "dispatches_itself", "kernels", "num_threads"]
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -55,6 +62,7 @@ _SIGNATURES = {
     "xq_f32": (None, [_PTR, _I64, _I64, _PTR, _INT, _PTR, _INT]),
     "xtp_f32": (None, [_PTR, _I64, _I64, _PTR, _INT, _PTR, _INT]),
     "xq_xtp_f32": (None, [_PTR, _I64, _I64, _PTR, _INT, _PTR, _PTR, _INT]),
+    "vote_words_i64": (None, [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _INT]),
 }
 
 
@@ -167,3 +175,35 @@ _PARALLEL_MIN_NUMEL = 1 << 16  # below this, waking a thread costs more than it 
 def num_threads(numel: int) -> int:
     """Threads for a kernel over ``numel`` entries: torch's intra-op count, or 1 for small inputs."""
     return max(1, torch.get_num_threads()) if numel >= _PARALLEL_MIN_NUMEL else 1
+
+
+def dispatches_itself(t: torch.Tensor) -> bool:
+    """A wrapper subclass (DTensor, FSDP2's sharded parameters) that runs every aten op itself.
+
+    The ``commlmo::`` custom ops have no sharding rules, so such tensors take the
+    eager torch twins, whose aten ops the subclass knows how to run.
+    """
+    return is_traceable_wrapper_subclass(t)
+
+
+def call(op: Callable, cpu_kernel: Callable, *args: Any) -> Any:
+    """Run the custom op ``op`` (a ``torch.ops.commlmo.*`` overload) whose CPU kernel is ``cpu_kernel``.
+
+    Two cases skip the dispatcher and call ``cpu_kernel`` (which takes any tensor:
+    the C kernel where it applies, the eager torch twin otherwise):
+
+    * a wrapper subclass among the tensors (:func:`dispatches_itself`);
+    * plain eager CPU tensors, no ``torch.compile`` and no dispatch mode (FakeTensor,
+      tracing): the dispatcher would pick ``cpu_kernel`` anyway, after ~30-40 us of
+      custom-op dispatch per call -- as long as packing 64 K signs takes.
+
+    Everything else -- compiled code, fake and meta tensors, CUDA -- goes through ``op``.
+    """
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if any(dispatches_itself(t) for t in tensors):
+        return cpu_kernel(*args)
+    if not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None and all(
+        type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors
+    ):
+        return cpu_kernel(*args)
+    return op(*args)

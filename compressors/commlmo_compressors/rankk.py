@@ -185,16 +185,15 @@ class _Frame:
         return _xq(self.x, u) if self.transposed else _xtp(self.x, u).T
 
     def times_with_gram(self, v: Tensor) -> tuple[Tensor, Tensor | None]:
-        """``(M v, M^T M v)`` in one read of ``X`` where a kernel can, else ``(M v, None)``."""
-        lib = None if self.transposed else _kernels_for(self.x, v)
-        if lib is None:
+        """``(M v, M^T M v)`` in one read of ``X`` where a kernel can, else ``(M v, None)``.
+
+        Under ``torch.compile`` always ``(M v, None)``: the one-read path's choice
+        between ``(X^T P) R^-1`` and a second read needs ``cond(R)`` on the host.
+        """
+        if self.transposed or torch.compiler.is_compiling() or _kernels_for(self.x, v) is None:
             return self.times(v), None
-        x, vt, threads = self.x, v.T.contiguous(), _native.num_threads(self.x.numel())
-        p = torch.empty(x.shape[0], v.shape[1])
-        parts = torch.zeros(threads, v.shape[1], x.shape[1])
-        lib.xq_xtp_f32(x.data_ptr(), x.shape[0], x.shape[1], vt.data_ptr(), v.shape[1], p.data_ptr(),
-                       parts.data_ptr(), threads)
-        return p, parts.sum(0).T
+        p, gram_t = _native.call(torch.ops.commlmo.skinny_xq_xtp.default, _xq_xtp_cpu, self.x, v)
+        return p, gram_t.T
 
 
 def _kernels_for(x: Tensor, v: Tensor):
@@ -203,7 +202,16 @@ def _kernels_for(x: Tensor, v: Tensor):
 
 
 def _xq(x: Tensor, v: Tensor) -> Tensor:
-    """``x @ v`` (``x``: m x n, ``v``: n x r)."""
+    """``x @ v`` (``x``: m x n, ``v``: n x r), through ``commlmo::skinny_xq``."""
+    return _native.call(torch.ops.commlmo.skinny_xq.default, _xq_cpu, x, v)
+
+
+def _xtp(x: Tensor, u: Tensor) -> Tensor:
+    """``(x^T @ u)^T`` as an r x n tensor (``x``: m x n, ``u``: m x r), through ``commlmo::skinny_xtp``."""
+    return _native.call(torch.ops.commlmo.skinny_xtp.default, _xtp_cpu, x, u)
+
+
+def _xq_cpu(x: Tensor, v: Tensor) -> Tensor:
     lib = _kernels_for(x, v)
     if lib is None:
         return x @ v
@@ -214,8 +222,7 @@ def _xq(x: Tensor, v: Tensor) -> Tensor:
     return out
 
 
-def _xtp(x: Tensor, u: Tensor) -> Tensor:
-    """``(x^T @ u)^T`` as an r x n tensor (``x``: m x n, ``u``: m x r)."""
+def _xtp_cpu(x: Tensor, u: Tensor) -> Tensor:
     lib = _kernels_for(x, u)
     if lib is None:
         return u.T @ x
@@ -225,7 +232,65 @@ def _xtp(x: Tensor, u: Tensor) -> Tensor:
     return parts.sum(0)
 
 
+def _xq_xtp_cpu(x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    lib = _kernels_for(x, v)
+    if lib is None:
+        p = x @ v
+        return p, p.T @ x
+    vt, threads = v.T.contiguous(), _native.num_threads(x.numel())
+    p = torch.empty(x.shape[0], v.shape[1])
+    parts = torch.zeros(threads, v.shape[1], x.shape[1])
+    lib.xq_xtp_f32(x.data_ptr(), x.shape[0], x.shape[1], vt.data_ptr(), v.shape[1], p.data_ptr(),
+                   parts.data_ptr(), threads)
+    return p, parts.sum(0)
+
+
+# PowerSGD's skinny products as custom ops: the C kernels on plain contiguous float32 CPU tensors
+# (BLAS elsewhere on the CPU), the device's own matmul on every other device.
+
+
+@torch.library.custom_op("commlmo::skinny_xq", mutates_args=())
+def _xq_op(x: Tensor, v: Tensor) -> Tensor:
+    """``X V`` for ``X`` (m x n) and a skinny ``V`` (n x r)."""
+    return x @ v
+
+
+@torch.library.custom_op("commlmo::skinny_xtp", mutates_args=())
+def _xtp_op(x: Tensor, u: Tensor) -> Tensor:
+    """``(X^T U)^T`` (r x n) for ``X`` (m x n) and a skinny ``U`` (m x r)."""
+    return u.T @ x
+
+
+@torch.library.custom_op("commlmo::skinny_xq_xtp", mutates_args=())
+def _xq_xtp_op(x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """``(P, (X^T P)^T)`` with ``P = X V``: one read of ``X`` in the C kernel."""
+    p = x @ v
+    return p, p.T @ x
+
+
+_xq_op.register_kernel("cpu")(_xq_cpu)
+_xtp_op.register_kernel("cpu")(_xtp_cpu)
+_xq_xtp_op.register_kernel("cpu")(_xq_xtp_cpu)
+
+
+@_xq_op.register_fake
+def _(x: Tensor, v: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], v.shape[1])
+
+
+@_xtp_op.register_fake
+def _(x: Tensor, u: Tensor) -> Tensor:
+    return x.new_empty(u.shape[1], x.shape[1])
+
+
+@_xq_xtp_op.register_fake
+def _(x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape[0], v.shape[1]), x.new_empty(v.shape[1], x.shape[1])
+
+
 def _finite_or_rescaled(frame: _Frame, q: Tensor, p: Tensor, gram: Tensor | None):
+    if torch.compiler.is_compiling():  # the check needs host reads; a compiled caller checks its inputs
+        return p, gram
     if bool(torch.isfinite(p.sum())) and (gram is None or bool(torch.isfinite(gram.sum()))):
         return p, gram
     check_finite(frame.x, "rankk compressor")

@@ -118,9 +118,6 @@ class SignCompressor(LayoutCompressor):
             draw_key(generator)
         return True
 
-    def _scales(self, payload: Payload) -> list[float]:
-        return [1.0] if self.config.scale == "none" else payload.wire[1].tolist()
-
     def decompress(self, payload: Payload) -> Tensor:
         shape, dtype = payload.ctx["shape"], payload.ctx["dtype"]
         if payload.ctx.get("dense"):
@@ -136,16 +133,12 @@ class SignCompressor(LayoutCompressor):
             return target.add_(payload.wire[0].to(target.dtype), alpha=alpha)
         if not target.is_contiguous():
             return super().decompress_add_(target, payload, alpha=alpha)
-        scales = self._scales(payload)
-        flat, per = target.view(-1), target.numel() // len(scales)
-        for b, scale in enumerate(scales):
-            add_packed_signs_(flat[b * per : (b + 1) * per], payload.wire[0], alpha=alpha * scale,
-                              bit_offset=b * per)
-        return target
+        scales = None if self.config.scale == "none" else payload.wire[1]
+        return add_packed_signs_(target, payload.wire[0], alpha=alpha, scales=scales)
 
 
-def _block_means(blocks: Tensor) -> Tensor:
-    """``||x_b||_1 / d_b`` per row, as float32, summed without overflow (float64 in C, pairwise in torch)."""
+def _block_means_cpu(blocks: Tensor) -> Tensor:
+    """``commlmo::block_abs_means`` on the CPU: C sums in float64 per row, or torch's pairwise sums."""
     lib = _native.available(blocks) if blocks.dtype == torch.float32 else None
     if lib is None:  # torch sums pairwise: float32 is accurate; float64 only if float32 overflows
         sums = torch.linalg.vector_norm(blocks, 1, dim=1, dtype=torch.float32)
@@ -157,3 +150,28 @@ def _block_means(blocks: Tensor) -> Tensor:
         sums = torch.tensor([lib.abs_sum_f32(row.data_ptr(), row.numel(), threads) for row in blocks],
                             dtype=torch.float64)
     return (sums / blocks.shape[1]).to(torch.float32)
+
+
+@torch.library.custom_op("commlmo::block_abs_means", mutates_args=())
+def _block_means_op(blocks: Tensor) -> Tensor:
+    """``||x_b||_1 / d_b`` (float32) for each row ``x_b`` of a 2-D tensor, summed without overflow.
+
+    Other devices than the CPU accumulate in float64 (one read, no host check);
+    sums of the same numbers in another order agree to float64 rounding, not bit
+    for bit, with the CPU's.
+    """
+    sums = torch.linalg.vector_norm(blocks, 1, dim=1, dtype=torch.float64)
+    return (sums / blocks.shape[1]).to(torch.float32)
+
+
+_block_means_op.register_kernel("cpu")(_block_means_cpu)
+
+
+@_block_means_op.register_fake
+def _(blocks: Tensor) -> Tensor:
+    return blocks.new_empty(blocks.shape[0], dtype=torch.float32)
+
+
+def _block_means(blocks: Tensor) -> Tensor:
+    """``||x_b||_1 / d_b`` per row, as float32 (see ``commlmo::block_abs_means``)."""
+    return _native.call(torch.ops.commlmo.block_abs_means.default, _block_means_cpu, blocks.contiguous())

@@ -10,7 +10,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from commlmo.plugin import CompressorCapabilities, Payload, PluginConfig
+from commlmo.plugin import CompressorCapabilities, Payload, PluginConfig, inputs_known_finite
 
 from . import _native
 from ._common import (
@@ -138,7 +138,8 @@ class TopK(LayoutCompressor):
         n, k = flat.numel(), resolve_k(self.config.k, flat.numel())
         idx, values = self._select(flat, k)
         values = values.to(self._value_dtype(x.dtype))
-        if self.config.value_dtype != "same" and not bool(torch.isfinite(values).all()):
+        if (self.config.value_dtype != "same" and not torch.compiler.is_compiling()
+                and not bool(torch.isfinite(values).all())):
             raise ValueError(
                 f"topk compressor: kept values overflow value_dtype={self.config.value_dtype!r} "
                 f"(max |x| = {float(flat[idx].abs().max()):.3g}); use 'bfloat16' or 'same'"
@@ -198,26 +199,84 @@ def _sample_indices(n: int, device: torch.device) -> Tensor:
 
 
 def _threshold_topk(flat: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The exact top-k by magnitude (``commlmo::topk_abs``), indices ascending, ties to the lowest index."""
+    idx, values, bad = _native.call(torch.ops.commlmo.topk_abs.default, _topk_cpu, flat, k)
+    if not torch.compiler.is_compiling() and not inputs_known_finite() and bad.item():
+        raise NonFiniteInputError(f"topk compressor: input has {bad.item()} NaN or Inf entries")
+    return idx, values
+
+
+def _sample_threshold(flat: Tensor, k: int) -> tuple[Tensor, int, float]:
+    """``(|sample|, r, t)``: ``t`` the r-th largest of a fixed sample's magnitudes, with ``r`` four
+    binomial standard deviations above ``k``'s share of the sample, so >= k entries pass w.h.p."""
     n = flat.numel()
     sample = flat[_sample_indices(n, flat.device)].abs().float()
     rank = _SAMPLE * k / n
-    rank = min(_SAMPLE, math.ceil(rank + 4 * math.sqrt(rank) + 8))  # r-th largest: >= k pass w.h.p.
-    threshold = float(sample.kthvalue(_SAMPLE - rank + 1).values) if rank < _SAMPLE else 0.0
+    rank = min(_SAMPLE, math.ceil(rank + 4 * math.sqrt(rank) + 8))
+    return sample, rank, _kth_largest(sample, rank)
+
+
+def _kth_largest(sample: Tensor, rank: int) -> float:
+    return float(sample.kthvalue(_SAMPLE - rank + 1).values) if rank < _SAMPLE else 0.0
+
+
+def _topk_cpu(flat: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``commlmo::topk_abs`` on the CPU: the C kernel's threshold pass and radix select, or the eager twin."""
+    sample, rank, threshold = _sample_threshold(flat, k)
     lib = _native.available(flat) if flat.dtype == torch.float32 else None
     if lib is not None:
-        return _native_topk(lib, flat, threshold, k, math.ceil(2 * n * rank / _SAMPLE))
+        idx, values = _native_topk(lib, flat, threshold, k, math.ceil(2 * flat.numel() * rank / _SAMPLE))
+        return idx, values, torch.tensor(0)
     check_finite(flat, "topk compressor")
     while True:
         cand = (flat.abs() >= threshold).nonzero().squeeze(1)
         if cand.numel() >= k:
             break
         rank = min(_SAMPLE, 4 * rank)  # the sample was unlucky: lower the bar
-        threshold = float(sample.kthvalue(_SAMPLE - rank + 1).values) if rank < _SAMPLE else 0.0
-    values = flat[cand]
-    if cand.numel() == k:
-        return cand, values
-    keep = values.abs().topk(k, sorted=False).indices
-    return cand[keep], values[keep]
+        threshold = _kth_largest(sample, rank)
+    keep = _first_k_largest(flat[cand].abs(), k)
+    idx = cand if keep is None else cand[keep]
+    return idx, flat[idx], torch.tensor(0, device=flat.device)
+
+
+def _first_k_largest(magnitudes: Tensor, k: int) -> Tensor | None:
+    """A mask of the k largest entries, ties going to the lowest positions (``None``: all of them)."""
+    if magnitudes.numel() == k:
+        return None
+    kth = magnitudes.topk(k, sorted=False).values.min()
+    above = magnitudes > kth
+    tied = magnitudes == kth
+    return above | (tied & (tied.cumsum(0) <= k - above.sum()))
+
+
+def _topk_device(flat: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``commlmo::topk_abs`` in torch ops for any device: one ``torch.topk`` for the k-th magnitude,
+    then the same set, order and ties as the C kernel, with no host read (``nonzero_static``)."""
+    keep = _first_k_largest(flat.abs(), k)
+    if keep is None:
+        idx = torch.arange(k, device=flat.device)
+    else:  # fill 0: with NaN in the input nothing compares, and the caller raises on the count
+        idx = torch.nonzero_static(keep, size=k, fill_value=0).squeeze(1)
+    return idx, flat[idx], (~torch.isfinite(flat)).sum()
+
+
+@torch.library.custom_op("commlmo::topk_abs", mutates_args=())
+def _topk_op(flat: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The k entries of largest ``|x|`` of a 1-D tensor: ``(indices ascending, values, non-finite count)``.
+
+    Exactly ``torch.topk``'s set but for ties, which go to the lowest index.  The
+    CPU raises :class:`NonFiniteInputError` on NaN/Inf (its selection needs finite
+    keys); other devices return the count and the caller checks it.
+    """
+    return _topk_device(flat, k)
+
+
+_topk_op.register_kernel("cpu")(_topk_cpu)
+
+
+@_topk_op.register_fake
+def _(flat: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    return flat.new_empty(k, dtype=torch.int64), flat.new_empty(k), flat.new_empty((), dtype=torch.int64)
 
 
 def _native_topk(lib, flat: Tensor, threshold: float, k: int, expected: int) -> tuple[Tensor, Tensor]:
@@ -254,22 +313,32 @@ def _block_plan(n: int, k: int, blocks: int) -> list[tuple[int, int]]:
 
 
 def _block_starts(n: int, k: int, blocks: int, device: torch.device) -> Tensor:
-    """For each kept entry, in payload order, the offset of the block it came from."""
-    plan = _block_plan(n, k, blocks)
-    starts = torch.tensor([0] + [size for size, _ in plan[:-1]], device=device).cumsum(0)
-    return starts.repeat_interleave(torch.tensor([kb for _, kb in plan], device=device))
+    """For each kept entry, in payload order, the offset of the block it came from.
+
+    Arithmetic on positions (no per-block tensors): the first ``k mod b`` blocks
+    keep ``q + 1 = k // b + 1`` entries, the rest ``q``; block ``j`` starts at
+    ``j (n // b) + min(j, n mod b)``.
+    """
+    b = max(1, min(blocks, k, n))
+    q, r = divmod(k, b)
+    position = torch.arange(k, device=device)
+    split = r * (q + 1)
+    block = torch.where(position < split, position // (q + 1), r + (position - split) // q)
+    size, larger = divmod(n, b)
+    return block * size + block.clamp(max=larger)
 
 
 def _blocked_topk(flat: Tensor, k: int, blocks: int) -> Tensor:
     plan = _block_plan(flat.numel(), k, blocks)
     out, start = [], 0
-    # blocks of equal size form one (rows x size) view; each group is one batched topk
+    # blocks of equal size form one (rows x size) view; each group is one batched topk, and since
+    # counts differ by one, larger first, a group's kept entries are two static slices of it
     for size in sorted({s for s, _ in plan}, reverse=True):
-        rows = [kb for s, kb in plan if s == size]
-        view = flat[start : start + size * len(rows)].abs().view(len(rows), size)
-        top = view.topk(max(rows), dim=1, sorted=True).indices
-        keep = torch.arange(max(rows), device=flat.device) < torch.tensor(rows, device=flat.device).unsqueeze(1)
-        offsets = start + size * torch.arange(len(rows), device=flat.device).unsqueeze(1)
-        out.append((top + offsets)[keep])
-        start += size * len(rows)
+        counts = [kb for s, kb in plan if s == size]
+        more = sum(kb == counts[0] for kb in counts) if counts[0] != counts[-1] else len(counts)
+        view = flat[start : start + size * len(counts)].abs().view(len(counts), size)
+        top = view.topk(counts[0], dim=1, sorted=True).indices
+        top = top + start + size * torch.arange(len(counts), device=flat.device).unsqueeze(1)
+        out += [top[:more].reshape(-1), top[more:, : counts[-1]].reshape(-1)]
+        start += size * len(counts)
     return torch.cat(out)

@@ -112,8 +112,9 @@ def newton_schulz(
     norm = x.norm() if x.ndim == 2 else torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
     # |G| ~ 1e20 overflows ||G||_F (torch.optim.Muon then returns 0): there, normalise G / max|G|
     # first; elsewhere the result is the plain reduction's, bit for bit.  On the CPU the check
-    # is a free host read; on an accelerator it is branch-free, so it never synchronises.
-    if norm.device.type == "cpu":
+    # is a free host read; on an accelerator, and under torch.compile (where a host read is a
+    # graph break), it is branch-free, so it never synchronises.
+    if norm.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(torch.isfinite(norm).all()):
             x, norm = _rescaled(x)
     else:
