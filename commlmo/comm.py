@@ -19,10 +19,18 @@ collective           sent                        received
 all_reduce           2(M-1)/M * n                2(M-1)/M * n
 all_gather (input n) (M-1) * n                   (M-1) * n
 all_to_all (input n) (M-1)/M * n                 (M-1)/M * n
+all_to_all_v         what it sends to the others   what the others send it
 ===================  ==========================  ==========================
 
 and that is what :class:`ByteCounter` records (the chunk a rank keeps for
 itself never crosses the wire).  With ``M = 1`` no collective is called.
+
+Every collective takes ``async_op=True`` to return a :class:`Pending` at once
+(``torch.distributed``'s asynchronous work underneath); ``.wait()`` gives the
+result.  The optimizer starts the uplink of a bucket of gradients this way from
+a gradient hook, while ``backward()`` goes on, and waits in ``step()``.
+Collectives are issued in program order on every rank, so ranks agree on their
+order however long each one takes.
 """
 
 from __future__ import annotations
@@ -39,7 +47,8 @@ from torch import Tensor
 
 from .errors import DistributedError
 
-__all__ = ["ByteCounter", "Communicator", "LocalComm", "TorchComm", "SimulatedComm", "simulate", "make_communicator"]
+__all__ = ["ByteCounter", "Communicator", "LocalComm", "TorchComm", "SimulatedComm", "Pending", "simulate",
+           "make_communicator"]
 
 
 @dataclass
@@ -102,6 +111,36 @@ def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+class Pending:
+    """A collective in flight: :meth:`wait` blocks until it is done and returns its result.
+
+    ``work`` is the backend's handle (``torch.distributed.Work``) or ``None`` when the
+    collective already ran; ``finish`` turns the raw output into the result.
+    """
+
+    def __init__(self, result: Any, work: Any = None, finish: Callable[[Any], Any] | None = None):
+        self._result, self._work, self._finish, self._done = result, work, finish, work is None and finish is None
+
+    def wait(self) -> Any:
+        """The collective's result (the same value on repeated calls)."""
+        if not self._done:
+            if self._work is not None:
+                self._work.wait()
+            if self._finish is not None:
+                self._result = self._finish(self._result)
+            self._done, self._work, self._finish = True, None, None
+        return self._result
+
+    @property
+    def done(self) -> bool:
+        """Whether :meth:`wait` would return at once (the backend finished, or there was nothing to wait for)."""
+        return self._done or (self._work is not None and bool(self._work.is_completed()))
+
+
+def _ready(result: Any, async_op: bool) -> Any:
+    return Pending(result) if async_op else result
+
+
 class Communicator:
     """Collectives over ``world_size`` ranks; subclasses implement the ``_`` methods.
 
@@ -116,23 +155,23 @@ class Communicator:
         self.bytes = ByteCounter()
 
     # -- public API ------------------------------------------------------
-    def all_reduce_sum_(self, t: Tensor, *, label: str) -> Tensor:
+    def all_reduce_sum_(self, t: Tensor, *, label: str, async_op: bool = False) -> Any:
         """In-place sum over ranks (order of summation is the backend's)."""
         if self.world_size == 1:
-            return t
+            return _ready(t, async_op)
         m, n = self.world_size, _nbytes(t)
         self.bytes.record(f"{label}/all_reduce", n, 2 * (m - 1) / m * n, 2 * (m - 1) / m * n)
-        return self._all_reduce_sum_(t)
+        return self._run(self._all_reduce_sum_, t, async_op)
 
-    def all_gather(self, t: Tensor, *, label: str) -> Tensor:
+    def all_gather(self, t: Tensor, *, label: str, async_op: bool = False) -> Any:
         """``(world_size, *t.shape)`` stack of every rank's ``t`` (rank order)."""
         if self.world_size == 1:
-            return t.unsqueeze(0)
+            return _ready(t.unsqueeze(0), async_op)
         m, n = self.world_size, _nbytes(t)
         self.bytes.record(f"{label}/all_gather", n, (m - 1) * n, (m - 1) * n)
-        return self._all_gather(t.contiguous())
+        return self._run(self._all_gather, t.contiguous(), async_op)
 
-    def all_to_all(self, t: Tensor, *, label: str) -> Tensor:
+    def all_to_all(self, t: Tensor, *, label: str, async_op: bool = False) -> Any:
         """Split ``t`` (1-D, length divisible by world_size) into chunks; chunk ``j`` goes to
         rank ``j``.  Returns the ``(world_size, chunk)`` matrix of chunks received, row ``i``
         coming from rank ``i``."""
@@ -140,18 +179,46 @@ class Communicator:
         if t.ndim != 1 or t.numel() % m:
             raise ValueError(f"all_to_all needs a 1-D tensor whose length divides by {m}; got shape {tuple(t.shape)}")
         if m == 1:
-            return t.unsqueeze(0)
+            return _ready(t.unsqueeze(0), async_op)
         n = _nbytes(t)
         self.bytes.record(f"{label}/all_to_all", n, (m - 1) / m * n, (m - 1) / m * n)
-        return self._all_to_all(t.contiguous()).view(m, -1)
+        out = self._run(self._all_to_all, t.contiguous(), async_op)
+        if isinstance(out, Pending):
+            return Pending(out, finish=lambda p: p.wait().view(m, -1))
+        return out.view(m, -1)
 
-    def all_max_(self, t: Tensor, *, label: str) -> Tensor:
+    def all_to_all_v(self, t: Tensor, send: list[int], recv: list[int], *, label: str,
+                     async_op: bool = False) -> Any:
+        """Uneven all-to-all of a 1-D ``t``: its first ``send[0]`` elements go to rank 0, the next
+        ``send[1]`` to rank 1...; ``recv[i]`` elements come from rank ``i`` (every rank must know
+        them).  Returns the list of chunks received, in rank order."""
+        m = self.world_size
+        if t.ndim != 1 or sum(send) != t.numel() or len(send) != m or len(recv) != m:
+            raise ValueError(f"all_to_all_v needs a 1-D tensor of sum(send) elements and {m} send/recv sizes; "
+                             f"got shape {tuple(t.shape)}, send {send}, recv {recv}")
+        if m == 1:
+            return _ready([t], async_op)
+        size = t.element_size()
+        me = self.rank
+        self.bytes.record(f"{label}/all_to_all_v", _nbytes(t), size * (sum(send) - send[me]),
+                          size * (sum(recv) - recv[me]))
+        out = self._run(lambda x: self._all_to_all_v(x, list(send), list(recv)), t.contiguous(), async_op)
+        split = lambda flat: list(torch.split(flat, list(recv)))  # noqa: E731
+        if isinstance(out, Pending):
+            return Pending(out, finish=lambda p: split(p.wait()))
+        return split(out)
+
+    def all_max_(self, t: Tensor, *, label: str, async_op: bool = False) -> Any:
         """In-place elementwise max over ranks (flags: agree on skipping a step)."""
         if self.world_size == 1:
-            return t
+            return _ready(t, async_op)
         m, n = self.world_size, _nbytes(t)
         self.bytes.record(f"{label}/all_reduce", n, 2 * (m - 1) / m * n, 2 * (m - 1) / m * n)
-        return self._all_max_(t)
+        return self._run(self._all_max_, t, async_op)
+
+    def _run(self, fn: Callable[[Tensor], Any], t: Tensor, async_op: bool) -> Any:
+        """Run one backend collective, now or (``async_op``) in flight; backends that cannot defer run it now."""
+        return _ready(fn(t), async_op)
 
     def describe(self) -> str:
         """One line naming the communicator, its rank and world size."""
@@ -168,6 +235,9 @@ class Communicator:
         raise NotImplementedError
 
     def _all_to_all(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _all_to_all_v(self, t: Tensor, send: list[int], recv: list[int]) -> Tensor:
         raise NotImplementedError
 
 
@@ -191,23 +261,40 @@ class TorchComm(Communicator):
         self.world_size = dist.get_world_size(self.group)
         self.backend = str(dist.get_backend(self.group))
 
-    def _all_reduce_sum_(self, t: Tensor) -> Tensor:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
-        return t
+    # each backend call returns (result, work); ``_run`` waits at once unless asked not to
+    _async = False
 
-    def _all_max_(self, t: Tensor) -> Tensor:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return t
-
-    def _all_gather(self, t: Tensor) -> Tensor:
-        out = torch.empty((self.world_size * t.numel(),), dtype=t.dtype, device=t.device)
-        _all_gather_flat(out, t.reshape(-1), group=self.group)
-        return out.view(self.world_size, *t.shape)
-
-    def _all_to_all(self, t: Tensor) -> Tensor:
-        out = torch.empty_like(t)
-        dist.all_to_all_single(out, t, group=self.group)
+    def _run(self, fn: Callable[[Tensor], Any], t: Tensor, async_op: bool) -> Any:
+        self._async = async_op
+        try:
+            out, work = fn(t)
+        finally:
+            self._async = False
+        if async_op:
+            return Pending(out, work)
+        if work is not None:
+            work.wait()
         return out
+
+    def _all_reduce_sum_(self, t: Tensor) -> Any:
+        return t, dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+
+    def _all_max_(self, t: Tensor) -> Any:
+        return t, dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+
+    def _all_gather(self, t: Tensor) -> Any:
+        out = torch.empty((self.world_size * t.numel(),), dtype=t.dtype, device=t.device)
+        work = _all_gather_flat(out, t.reshape(-1), group=self.group, async_op=True)
+        return out.view(self.world_size, *t.shape), work
+
+    def _all_to_all(self, t: Tensor) -> Any:
+        out = torch.empty_like(t)
+        return out, dist.all_to_all_single(out, t, group=self.group, async_op=True)
+
+    def _all_to_all_v(self, t: Tensor, send: list[int], recv: list[int]) -> Any:
+        out = torch.empty(sum(recv), dtype=t.dtype, device=t.device)
+        return out, dist.all_to_all_single(out, t, output_split_sizes=recv, input_split_sizes=send,
+                                           group=self.group, async_op=True)
 
     def describe(self) -> str:
         """One line naming the backend, rank and world size."""
@@ -257,6 +344,18 @@ class SimulatedComm(Communicator):
     def _all_to_all(self, t: Tensor) -> Tensor:
         parts = self._hub.exchange(self.rank, t)
         return torch.cat([p.view(self.world_size, -1)[self.rank] for p in parts])
+
+    def _all_to_all_v(self, t: Tensor, send: list[int], recv: list[int]) -> Tensor:
+        sends = self._hub.exchange(self.rank, torch.tensor(send, dtype=torch.int64))
+        parts = self._hub.exchange(self.rank, t)
+        out = []
+        for r, (part, sizes) in enumerate(zip(parts, sends)):
+            start = int(sizes[:self.rank].sum())
+            if int(sizes[self.rank]) != recv[r]:
+                raise DistributedError(f"all_to_all_v: rank {r} sends {int(sizes[self.rank])} elements to rank "
+                                       f"{self.rank}, which expects {recv[r]}")
+            out.append(part[start:start + recv[r]])
+        return torch.cat(out)
 
 
 def simulate(world_size: int, fn: Callable[[int, Communicator], Any], *, timeout: float | None = None) -> list[Any]:

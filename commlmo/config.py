@@ -221,9 +221,10 @@ class GroupConfig(_Model):
                                             "(always null with a `rule`).")
     weight_decay: Rate = Field(0.0, description="Decoupled weight decay `wd`: X ← X(1 − lr·wd) before the step.")
     server: Literal["replicated", "owner", "auto"] = Field(
-        "replicated", description="The server role: `replicated` (every rank runs the server step), `owner` "
-        "(each matrix aggregated, orthogonalised and compressed once, by its owner rank; see commlmo.owner), "
-        "`auto` (owner where supported and no dearer in bytes).")
+        "auto", description="The server role: `replicated` (every rank runs the server step), `owner` "
+        "(each parameter aggregated, given its server step and compressed once, by its owner rank; see "
+        "commlmo.owner), `auto` (owner where supported and no dearer in bytes per rank; the choice is shown "
+        "by describe_routing()).")
 
     @model_validator(mode="before")
     @classmethod
@@ -362,6 +363,13 @@ class OptimizerConfig(_Model):
         "either way nothing is sent and no state changes.")
     verify_every: int = Field(0, ge=0, strict=True, description="Every this many steps, compare an exact checksum of every "
                               "parameter across ranks and raise if they diverged (0: never).")
+    bucket_mb: float = Field(25.0, gt=0.0, allow_inf_nan=False,
+                             description="Gradient megabytes (MiB) per bucket: each param group's parameters, "
+                             "backwards, are cut into buckets that travel together (DDP's default size).")
+    overlap: bool = Field(False, strict=True,
+                          description="Start each bucket's uplink from a gradient hook as soon as backward() has "
+                          "produced its gradients, so transfers overlap the rest of backward (see commlmo.overlap); "
+                          "bitwise the same steps.")
 
     @field_validator("groups")
     @classmethod

@@ -53,6 +53,7 @@ class VoteHookState:
     process_group: Any = None
     comm: TorchComm | None = field(default=None, init=False)
     generators: Generators | None = field(default=None, init=False)
+    step: int = field(default=-1, init=False)
 
     def bind(self, device: torch.device) -> None:
         if self.comm is None:
@@ -69,9 +70,14 @@ def majority_vote_hook(state: VoteHookState, bucket: dist.GradBucket) -> torch.f
     buffer = bucket.buffer()
     state.bind(buffer.device)
     assert state.comm is not None and state.generators is not None
-    payload = _SIGN.compress(buffer, generator=state.generators.local)
+    index = bucket.index()
+    if index == 0:  # the first bucket of a backward pass: a new step
+        state.step += 1
+    up = state.generators.at(state.step, "uplink", [index])
+    payload = _SIGN.compress(buffer, generator=up.param(0, shared=False))
     (voted,) = _VOTE.aggregate([payload], [buffer], [{}], codecs=[_SIGN], comm=state.comm,
-                               generators=state.generators, transport="owner", label="ddp_hook")
+                               generators=state.generators.at(state.step, "aggregate", [index]),
+                               transport="owner", label="ddp_hook")
     out = voted.decode().to(buffer.dtype)
     fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     fut.set_result(out)

@@ -30,13 +30,14 @@ the scaler's inf check across ranks).  ``opt.routing()`` and
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import math
 import os
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from itertools import chain
 from typing import Any
 
@@ -49,7 +50,8 @@ from .comm import Communicator, make_communicator
 from .config import OptimizerConfig, ViewConfig, describe_group, load_config
 from .errors import ConfigError, DistributedError, NonFiniteGradientError, did_you_mean
 from .consistency import check_layout, verify_parameters
-from .pipeline import Adversary, GroupRuntime
+from .overlap import Bucket, Overlap, plan_buckets
+from .pipeline import Adversary, BucketStep, GroupRuntime
 from .plugin import finite_inputs
 from .routing import parameter_roles, parameter_views, role_by_shape
 
@@ -59,9 +61,10 @@ __all__ = ["CommOptimizer", "build_optimizer", "named_parameters_of"]
 GROUP_KEYS = ("params", "param_names", "group", "lr", "weight_decay")
 #: the per-parameter state keys that carry each group's random generators in a state dict
 _GEN_KEYS = ("commlmo_generator_shared", "commlmo_generator_local")
-#: the number of bytes a non-finite flag takes in the step's agreement: 1 = a NaN/Inf gradient, 2 = a grad
-#: scaler found one (all ranks skip, whatever ``nonfinite`` says: the scaler backs off and retries)
-_NONFINITE, _SCALER_INF = 1, 2
+#: the bits of the flag byte in the step's agreement: 1 = a NaN/Inf gradient, 2 = a grad scaler found one
+#: (all ranks skip, whatever ``nonfinite`` says: the scaler backs off and retries); with ``overlap``, 4 = a
+#: gradient hook failed on some rank, 8 = a gradient changed after its bucket was sent (send again)
+_NONFINITE, _SCALER_INF, _HOOK_ERROR, _RESEND = 1, 2, 4, 8
 
 
 def named_parameters_of(model_or_params: Any) -> list[tuple[str, Tensor]]:
@@ -312,6 +315,9 @@ class CommOptimizer(torch.optim.Optimizer):
         self._ddp_seen: str | None = None
         self._ddp_checked: set[int] = set()
         self._built_before_pg: int | None = None
+        self._overlap: Overlap | None = Overlap(self) if config.overlap else None
+        self._book_open = False
+        self._plan_buckets()
 
     # ------------------------------------------------------------------ routing
     def _group_index(self, name: str) -> int:
@@ -393,9 +399,16 @@ class CommOptimizer(torch.optim.Optimizer):
             super().add_param_group(entry)
             for k in set(entry) - keys:  # a default of another kind of group (betas on a momentum group)
                 del entry[k]
+            if all(q is not entry["params"][0] for q in rt.members):  # an existing runtime: place them
+                rt.members.extend(entry["params"])
+                if rt.server == "owner":
+                    from .owner import assign_owners
+
+                    rt.owners = assign_owners(rt.members, self.comm.world_size, rt.owners)
             self._runtimes.append(rt)
         self._roles.update(roles)
         self._layout_checked = False
+        self._plan_buckets()
 
     @classmethod
     def _build_runtime(cls, gcfg: Any, index: int, members: list[tuple[str, Tensor]], *, views: dict | None,
@@ -404,14 +417,15 @@ class CommOptimizer(torch.optim.Optimizer):
         rt = GroupRuntime.build(gcfg, index=index, seed=seed, rank=comm.rank, device=members[0][1].device)
         rt.adversary = adversary
         rt.views = {id(p): ViewConfig.model_validate(views[n]) for n, p in members if views and n in views}
-        rt.transport = rt.plan([p for _, p in members], world_size=comm.world_size)
-        cls._plan_server(rt, gcfg, [p for _, p in members], comm.world_size)
+        rt.members = [p for _, p in members]
+        rt.transport = rt.plan(rt.members, world_size=comm.world_size)
+        cls._plan_server(rt, gcfg, rt.members, comm.world_size)
         return rt
 
     @staticmethod
     def _plan_server(rt: GroupRuntime, gcfg: Any, params: list[Tensor], world_size: int) -> None:
         """The group's server role: ``owner`` (checked), ``replicated``, or what ``auto`` picks, with why."""
-        from .owner import choose_server, owner_problem
+        from .owner import assign_owners, choose_server, owner_problem
 
         if gcfg.server == "owner":
             why = owner_problem(rt)
@@ -423,6 +437,7 @@ class CommOptimizer(torch.optim.Optimizer):
             rt.server, rt.server_reason = choose_server(rt, params, world_size)
         else:
             rt.server, rt.server_reason = "replicated", "configured"
+        rt.owners = assign_owners(params, world_size) if rt.server == "owner" else []
 
     @staticmethod
     def _check_param(name: str, p: Tensor) -> None:
@@ -569,52 +584,124 @@ class CommOptimizer(torch.optim.Optimizer):
         """Every parameter this optimizer updates, in a fixed order."""
         return [(n, p) for g in self.param_groups for n, p in zip(g["param_names"], g["params"])]
 
-    def _agree_on_gradients(self, entries: list[tuple[str, Tensor]]) -> int:
-        """One small collective: do all ranks have finite gradients, and which parameters have one?
-
-        Returns 0 (go), ``_NONFINITE`` (a NaN/Inf gradient on some rank) or ``_SCALER_INF``
-        (a grad scaler found one on some rank).  Under ``torch.amp.GradScaler`` the
-        scaler's own ``found_inf`` is this rank's flag, and gradients still scaled
-        (``grad_scale``) are unscaled here first.  A parameter that has a gradient on
-        some rank gets a zero gradient on the others (as DDP treats unused
-        parameters), so every rank sends the same layout.
-        """
+    def _check_grads(self, entries: list[tuple[str, Tensor]]) -> None:
         for name, p in entries:
             if p.grad is not None and p.grad.is_sparse:
                 raise ConfigError(f"parameter {name!r} has a sparse gradient; commlmo needs dense gradients")
             if p.grad is not None and p.grad.shape != p.shape:
                 raise ConfigError(f"parameter {name!r} of shape {tuple(p.shape)} has a gradient of shape {tuple(p.grad.shape)}")
-        device = entries[0][1].device if entries else "cpu"
-        grads = [p.grad for _, p in entries if p.grad is not None]
+
+    def _local_flag(self, grads: list[Tensor], device: Any) -> Tensor:
+        """This rank's flag byte (0, ``_NONFINITE`` or ``_SCALER_INF``), as a tensor: no host read on accelerators.
+
+        Under ``torch.amp.GradScaler`` the scaler's own ``found_inf`` is the flag, and gradients
+        still scaled (``grad_scale``) are unscaled here first.
+        """
         found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
         if isinstance(grad_scale, Tensor):  # GradScaler.step without unscale_: the gradients are still scaled
             inv = grad_scale.double().reciprocal().float()
             for g in grads:
                 g.mul_(inv.to(g.device))
         if isinstance(found_inf, Tensor):
-            flag = (found_inf.reshape(1).to(device) > 0).to(torch.uint8) * _SCALER_INF
-        else:
-            nonfinite = _any_nonfinite(grads, device)
-            flag = nonfinite.reshape(1).to(torch.uint8) * _NONFINITE
-        present = torch.tensor([p.grad is not None for _, p in entries], dtype=torch.uint8, device=device)
-        flags = torch.cat([flag, present])
+            return (found_inf.reshape(1).to(device) > 0).to(torch.uint8) * _SCALER_INF
+        return _any_nonfinite(grads, device).reshape(1).to(torch.uint8) * _NONFINITE
+
+    def _agree(self, entries: list[tuple[str, Tensor]], flag: Tensor, present: list[bool]) -> list[int]:
+        """The step's one agreement collective: the max over ranks of ``[flag, present...]``, read once."""
+        device = entries[0][1].device if entries else "cpu"
+        flags = torch.cat([flag.to(device), torch.tensor(present, dtype=torch.uint8, device=device)])
         self.comm.all_max_(flags, label="step_agreement")
+        return flags.tolist()
+
+    def _agree_on_gradients(self, entries: list[tuple[str, Tensor]]) -> int:
+        """One small collective: do all ranks have finite gradients, and which parameters have one?
+
+        Returns 0 (go), ``_NONFINITE`` (a NaN/Inf gradient on some rank) or ``_SCALER_INF``
+        (a grad scaler found one on some rank).  A parameter that has a gradient on
+        some rank gets a zero gradient on the others (as DDP treats unused
+        parameters), so every rank sends the same layout.
+        """
+        self._check_grads(entries)
+        device = entries[0][1].device if entries else "cpu"
+        flag = self._local_flag([p.grad for _, p in entries if p.grad is not None], device)
+        flags = self._agree(entries, flag, [p.grad is not None for _, p in entries])
         if flags[0]:
-            return int(flags[0])
-        for i, (_, p) in enumerate(entries):
-            if flags[1 + i] and p.grad is None:
+            return flags[0]
+        for (_, p), anywhere in zip(entries, flags[1:]):
+            if anywhere and p.grad is None:
                 p.grad = torch.zeros_like(p)
         return 0
 
+    # ------------------------------------------------------------------ buckets
+    def _plan_buckets(self) -> None:
+        """Cut the param groups into buckets (and re-attach the overlap hooks to them)."""
+        self._buckets: list[Bucket] = plan_buckets(self.param_groups, self.config.bucket_mb)
+        if self._overlap is not None:
+            self._overlap.attach(self._buckets, self.param_groups)
+
+    def _overlap_armed(self) -> bool:
+        """Whether a gradient hook may launch a bucket now (overlap on, after the first step)."""
+        return self._overlap is not None and self._layout_checked and self._built_before_pg is None
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients without starting their uplink (``overlap``), as ``DistributedDataParallel.no_sync``.
+
+        Run the backward of every micro-batch but the last inside it; without ``overlap`` it does nothing.
+        """
+        if self._overlap is None:
+            yield
+            return
+        self._overlap.suspended += 1
+        try:
+            yield
+        finally:
+            self._overlap.suspended -= 1
+
+    def _launch_bucket(self, bucket: Bucket, *, zero_fill: bool, dummy: bool = False) -> BucketStep | None:
+        """Prepare a bucket (worker stage, uplink compression) and put its first collectives in flight.
+
+        ``zero_fill``: a parameter without a gradient here takes part with a zero one;
+        ``dummy``: every gradient is taken as zero (a failed hook still sends its share).
+        """
+        group, rt = self.param_groups[bucket.entry], self._runtimes[bucket.entry]
+        index = [i for i in bucket.index if zero_fill or dummy or group["params"][i].grad is not None]
+        if not index:
+            return None
+        if self._overlap is not None and not self._overlap.launched and not self._book_open:
+            self.comm.bytes.new_step()
+        self._book_open = True
+        params = [group["params"][i] for i in index]
+        grads = [torch.zeros_like(p) if dummy or p.grad is None else p.grad for p in params]
+        with finite_inputs():  # the gradients are agreed finite, or (overlap) the step is dropped if not
+            b = rt.prepare(params, grads, [self.state[p] for p in params],
+                           [group["param_names"][i] for i in index], [rt.position(p) for p in params],
+                           group=group, comm=self.comm, step=self.steps, rule=self._rule_for(rt, group))
+            rt.launch(b, self.comm)
+        b.versions = [(id(g), g._version) for g in grads]
+        return b
+
+    def _finish_all(self, steps: list[BucketStep], *, check: bool) -> None:
+        with finite_inputs():
+            for b in steps:
+                b.rt.finish(b, self.comm, check_agreement=check)
+
+    @staticmethod
+    def _drain(steps: list[BucketStep | None]) -> None:
+        """Complete the exchanges in flight without using them (every rank does the same collectives)."""
+        for b in steps:
+            if b is not None and b.started is not None:
+                b.started.finish()
+
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
-        """One optimizer step on every rank: agree, then each group's pipeline.
+        """One optimizer step on every rank: agree, then every bucket's pipeline.
 
         Raises :class:`~commlmo.errors.NonFiniteGradientError` (policy ``raise``) or
         skips the step (policy ``skip``) when a gradient on any rank is NaN or Inf;
-        either way nothing is sent and no parameter or state changes.  Under
-        ``torch.amp.GradScaler`` a rank's inf check is agreed the same way and every
-        rank skips (whatever the policy: the scaler backs off and tries again).
+        either way no parameter or state changes (and, without ``overlap``, nothing is
+        sent).  Under ``torch.amp.GradScaler`` a rank's inf check is agreed the same way
+        and every rank skips (whatever the policy: the scaler backs off and tries again).
         """
         loss = None
         if closure is not None:
@@ -623,37 +710,99 @@ class CommOptimizer(torch.optim.Optimizer):
         entries = self._entries()
         first = not self._layout_checked
         self._check_stack(entries, first)
-        rules = self._step_rules()
-        self.comm.bytes.new_step()
-        if first:
-            check_layout(entries, self.config, self.comm)
-            self._layout_checked = True
-        verify = bool(self.config.verify_every) and (self.steps + 1) % self.config.verify_every == 0
-        agreed = self._agree_on_gradients(entries)
-        if agreed:
-            if self.config.nonfinite == "skip" or agreed == _SCALER_INF:
-                self.skipped_steps += 1
-                return loss
-            raise NonFiniteGradientError(
-                "a gradient on some rank contains NaN or Inf; nothing was sent and no state changed "
-                "(set nonfinite: skip to skip such steps)"
-            )
-        for rt, group, rule in zip(self._runtimes, self.param_groups, rules):
-            live = [(n, p) for n, p in zip(group["param_names"], group["params"]) if p.grad is not None]
-            if live:
-                params = [p for _, p in live]
-                base, rt.rule = rt.rule, rule
-                try:
-                    with finite_inputs():  # every rank's gradients were agreed finite above
-                        rt.step(params, [p.grad for p in params], [self.state[p] for p in params],
-                                [n for n, _ in live], group=group, comm=self.comm, step=self.steps,
-                                check_agreement=first or verify)
-                finally:
-                    rt.rule = base
-        self.steps += 1
-        if self.config.verify_every and self.steps % self.config.verify_every == 0:
-            verify_parameters(entries, self.comm)
-        return loss
+        self._step_rules()
+        ov = self._overlap
+        try:
+            if ov is None or not ov.launched:
+                self.comm.bytes.new_step()
+                self._book_open = True
+            if first:
+                check_layout(entries, self.config, self.comm)
+                self._layout_checked = True
+            verify = bool(self.config.verify_every) and (self.steps + 1) % self.config.verify_every == 0
+            untouched: list[Tensor] = []
+            if ov is not None and ov.launched:
+                outcome = self._overlapped(entries, ov)
+                if outcome is None:
+                    return loss
+                steps, untouched = outcome
+            else:
+                agreed = self._agree_on_gradients(entries)
+                if agreed:
+                    return self._skip(agreed, loss, sent=False)
+                steps = [b for b in (self._launch_bucket(bk, zero_fill=False) for bk in self._buckets) if b is not None]
+            with self._kept(untouched):
+                self._finish_all(steps, check=first or verify)
+            self.steps += 1
+            if self.config.verify_every and self.steps % self.config.verify_every == 0:
+                verify_parameters(entries, self.comm)
+            return loss
+        finally:
+            self._book_open = False
+            if ov is not None:
+                ov.reset(len(self._buckets))
+
+    def _skip(self, agreed: int, loss: Any, *, sent: bool) -> Any:
+        if self.config.nonfinite == "skip" or agreed & _SCALER_INF:
+            self.skipped_steps += 1
+            return loss
+        raise NonFiniteGradientError(
+            f"a gradient on some rank contains NaN or Inf; {'nothing was sent and ' if not sent else ''}"
+            "no parameter or state changed (set nonfinite: skip to skip such steps)"
+        )
+
+    def _overlapped(self, entries: list[tuple[str, Tensor]],
+                    ov: Overlap) -> tuple[list[BucketStep], list[Tensor]] | None:
+        """``step()`` after gradient hooks launched some buckets: launch the rest, agree, and return the
+        buckets to finish and the parameters no rank had a gradient for (``None``: the step was skipped)."""
+        self._check_grads(entries)
+        ov.last_resent = False
+        present = [p.grad is not None for _, p in entries]
+        device = entries[0][1].device if entries else "cpu"
+        flag = self._local_flag([p.grad for _, p in entries if p.grad is not None], device)
+        steps = [rec.step for rec in ov.records[:ov.next]]
+        steps += [self._launch_bucket(bk, zero_fill=True) for bk in self._buckets[ov.next:]]
+        errors = [rec.error for rec in ov.records if rec.error is not None]
+        changed = ov.stale or isinstance(getattr(self, "grad_scale", None), Tensor) or any(
+            (id(p.grad), p.grad._version) != v for b in steps[:ov.next] if b is not None
+            for p, v in zip(b.params, b.versions) if p.grad is not None)
+        extra = (_HOOK_ERROR if errors else 0) | (_RESEND if changed else 0)
+        flags = self._agree(entries, flag | extra, present)
+        if flags[0]:
+            self._drain(steps)
+            if flags[0] & _HOOK_ERROR:
+                if errors:
+                    raise errors[0]
+                raise DistributedError("another rank failed while preparing a bucket in a gradient hook; no "
+                                       "parameter or state changed")
+            if flags[0] & _RESEND:
+                ov.last_resent = True
+                if changed:
+                    ov.warn_stale("gradients changed after their bucket was sent (gradient accumulation outside "
+                                  "no_sync(), gradient clipping or GradScaler after backward)")
+                agreed = self._agree_on_gradients(entries)
+                if agreed:
+                    self._skip(agreed, None, sent=False)
+                    return None
+                return [b for b in (self._launch_bucket(bk, zero_fill=False) for bk in self._buckets)
+                        if b is not None], []
+            self._skip(flags[0], None, sent=True)
+            return None
+        # sent as zeros where nobody had a gradient: those parameters are left untouched
+        return [b for b in steps if b is not None], [p for (_, p), anywhere in zip(entries, flags[1:]) if not anywhere]
+
+    @contextlib.contextmanager
+    def _kept(self, params: list[Tensor]) -> Iterator[None]:
+        """Put ``params`` and their state back as they were after the block (``overlap``: no rank had a gradient)."""
+        saved = [(p, p.detach().clone(), {k: v.clone() if isinstance(v, Tensor) else v for k, v in self.state[p].items()})
+                 for p in params]
+        yield
+        for p, value, state in saved:
+            p.copy_(value)
+            if state:
+                self.state[p] = state
+            else:
+                self.state.pop(p, None)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

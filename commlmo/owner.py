@@ -1,25 +1,33 @@
-r"""The owner server role: each matrix is aggregated, orthogonalised and compressed once, by one rank.
+r"""The owner server role: each parameter is aggregated, given its server step and compressed once, by one rank.
 
-With ``server: owner`` a server-side group gives every parameter an owner rank, balanced
-by cost (the LMO's FLOPs, ``m n min(m, n)`` for a matrix, plus its bytes), as the
-distributed Muon of modded-nanogpt and the SignMuon NanoGPT code do::
+With ``server: owner`` every parameter of a group has an owner rank, balanced by cost
+(the LMO's FLOPs, ``m n min(m, n)`` for a matrix, plus its bytes), as the distributed
+Muon of modded-nanogpt and the SignMuon NanoGPT code assign theirs::
 
-    uplink    every rank sends its payload of parameter X to owner(X)      all-to-all
-    server    owner(X) sums (mean) or votes (majority_vote) the M payloads,
-              runs the LMO once and compresses the downlink
-    downlink  every owner's compressed steps reach every rank              all-gather
+    uplink    every rank sends its payload of parameter X to owner(X)     all-to-all-v
+    server    owner(X) combines the M payloads in rank order (mean, vote, EF21's
+              g <- g + mean c_i), runs the LMO once and compresses the downlink
+              (EF21-P: moves the exact model it keeps and compresses X - W)
+    downlink  every owner's compressed steps reach every rank             all-gather-v
 
-so Newton--Schulz runs once per matrix instead of once per rank, and per-rank bytes are
-``(M-1)/M`` of the uplink payload plus ``(M-1)/M`` of the downlink payload.  The sums and
-votes are taken in rank order over the same bits as the replicated path (tie bits of an
-even vote included), so the step is bitwise the replicated one wherever the arithmetic is
-the same; the downlink's own randomness (the sign of an exact zero) comes from a stream
-derived from the seed, the step and the parameter, the same on every rank.
+so the LMO (Newton--Schulz) runs once per matrix instead of once per rank, state only
+the server needs (EF21's ``g``, EF21-P's exact model) lives on the owner alone, and a
+payload that does not sum on the wire (top-k, scaled sign) costs its sender
+``(M-1)/M`` of its size on average instead of ``M - 1`` times it under an all-gather:
+per rank, ``(M-1)/M * (uplink + downlink)`` payload bytes on average over the ranks.
 
-Supported: ``lmo_at: server`` with ``mean`` over a summable uplink (owner transport) or
-``majority_vote`` (owner transport), any downlink compressor but ``ef21p``, and
-learning-rate rules that read the shape only.  ``server: auto`` picks the owner role
-where it is supported and sends no more bytes than the replicated one.
+The owner combines exactly what the replicated aggregate combines, in the same order,
+and every random draw comes from the parameter's own stream (:mod:`commlmo.streams`),
+so a step under ``owner`` is bitwise the step under ``replicated`` wherever the
+arithmetic is the same (``tests/test_distributed.py``).
+
+Supported: aggregators that declare ``capabilities.owner`` (``mean``, ``majority_vote``,
+``ef21``, ``error_feedback``) with fixed-size uplinks, in groups with a server step
+(``lmo_at: server``, or a stateful aggregator such as EF21 whose estimate the owner
+keeps); any downlink, ``ef21p`` included; any learning-rate rule (Gluon's dual norm
+travels with the step).  Element-wise rules run replicated.  ``server: auto`` takes the
+owner role where it is supported and sends no more bytes per rank, on average, than
+the replicated one (:func:`choose_server`).
 """
 
 from __future__ import annotations
@@ -30,31 +38,28 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .plugin import Encoded, Payload
-from .transport import as_bytes, bytes_per_rank
+from .plugin import Payload
+from .transport import as_bytes, bytes_per_rank, cut
 
 if TYPE_CHECKING:
     from .comm import Communicator
-    from .pipeline import GroupRuntime
+    from .pipeline import BucketStep, GroupRuntime
 
-__all__ = ["owner_problem", "assign_owners", "owner_step", "choose_server"]
+__all__ = ["owner_problem", "assign_owners", "choose_server", "uplink_steps", "finish_owned", "owner_bytes"]
 
 
 def owner_problem(rt: GroupRuntime) -> str | None:
     """``None`` if the group can run the owner role, else why not."""
     cfg = rt.config
-    if cfg.lmo_at != "server" or rt.lmo is None:
-        return f"lmo_at is {cfg.lmo_at!r}: only a server-side LMO has a server step to own"
     if rt.rule is not None:
         return "element-wise rules run replicated"
-    if rt.aggregator.kind not in ("mean", "majority_vote"):
-        return f"aggregator {rt.aggregator.kind!r} keeps per-rank state the owner role does not split yet"
-    if rt.transport != "owner":
-        return f"the {rt.aggregator.kind} transport is {rt.transport!r}; the owner role needs transport: owner"
-    if rt.downlink.capabilities.downlink_only:
-        return f"downlink {rt.downlink.kind!r} keeps the exact model on every rank"
-    if rt.lr_rule.needs_dual_norm:
-        return f"lr_rule {rt.lr_rule.kind!r} reads the dual norm on every rank"
+    if not rt.aggregator.capabilities_of(rt.aggregator.config).owner:
+        return f"aggregator {rt.aggregator.kind!r} does not implement the owner role (capabilities.owner)"
+    if cfg.lmo_at != "server" and not rt.aggregator.capabilities_of(rt.aggregator.config).stateful:
+        return (f"lmo_at is {cfg.lmo_at!r} and aggregator {rt.aggregator.kind!r} keeps no server state: "
+                "there is no server step to own")
+    if not rt.uplink.capabilities.fixed_size:
+        return f"uplink {rt.uplink.kind!r} payloads have no fixed size, which the owner's all-to-all-v needs"
     return None
 
 
@@ -63,53 +68,142 @@ def _cost(p: Tensor) -> float:
     return float(m) * n * min(m, n) + 4.0 * p.numel()
 
 
-def assign_owners(params: Sequence[Tensor], world_size: int) -> list[int]:
-    """Owner rank of each parameter: largest first to the least-loaded rank (ties to the lower rank)."""
+def assign_owners(params: Sequence[Tensor], world_size: int, owners: Sequence[int] = ()) -> list[int]:
+    """Owner rank of each parameter: largest first to the least-loaded rank (ties to the lower rank).
+
+    ``owners`` are the ranks of the first parameters, assigned before (``add_param_group``):
+    they keep them (and the state they hold); only the parameters after them are placed.
+    """
     load = [0.0] * world_size
-    owners = [0] * len(params)
-    for i in sorted(range(len(params)), key=lambda i: (-_cost(params[i]), i)):
+    for p, r in zip(params, owners):
+        load[r] += _cost(p)
+    out = list(owners) + [0] * (len(params) - len(owners))
+    for i in sorted(range(len(owners), len(params)), key=lambda i: (-_cost(params[i]), i)):
         r = min(range(world_size), key=lambda r: (load[r], r))
-        owners[i] = r
+        out[i] = r
         load[r] += _cost(params[i])
-    return owners
+    return out
+
+
+def _down_nbytes(rt: GroupRuntime, p: Tensor) -> int:
+    """Bytes of one parameter's downlink message: its compressed step (and Gluon's dual norm)."""
+    return rt.codec(p, rt.downlink).wire_nbytes(p.shape, p.dtype) + (8 if rt.lr_rule.needs_dual_norm else 0)
+
+
+def owner_bytes(rt: GroupRuntime, params: Sequence[Tensor], owners: Sequence[int], world_size: int) -> list[int]:
+    """Bytes each rank sends in one step of ``params`` under the owner role (uplink and downlink)."""
+    m = world_size
+    up = [rt.codec(p).wire_nbytes(p.shape, p.dtype) for p in params]
+    down = [_down_nbytes(rt, p) for p in params]
+    sent = [0] * m
+    for r in range(m):
+        sent[r] += sum(u for u, o in zip(up, owners) if o != r)  # my payloads to their owners
+        sent[r] += (m - 1) * sum(d for d, o in zip(down, owners) if o == r)  # my steps to every other rank
+    return sent
 
 
 def choose_server(rt: GroupRuntime, params: Sequence[Tensor], world_size: int) -> tuple[str, str]:
-    """``(server role, why)`` for ``server: auto``: owner where supported and no dearer in bytes."""
+    """``(server role, why)`` for ``server: auto``: owner where supported and no dearer in bytes, on average."""
     why = owner_problem(rt)
     if why is not None or world_size == 1:
         return "replicated", why or "a world of one"
-    up = sum(rt.codec(p).wire_nbytes(p.shape, p.dtype) for p in params)
-    down = sum(rt.codec(p, rt.downlink).wire_nbytes(p.shape, p.dtype) for p in params)
     m = world_size
-    replicated = bytes_per_rank("owner", payload_bytes=up, dense_entries=0, world_size=m)
-    owner = (m - 1) / m * (up + down)
+    up = sum(rt.codec(p).wire_nbytes(p.shape, p.dtype) for p in params)
+    replicated = bytes_per_rank(rt.transport, payload_bytes=up, world_size=m,  # type: ignore[arg-type]
+                                dense_entries=sum(p.numel() for p in params))
+    owner = sum(owner_bytes(rt, params, assign_owners(params, m), m)) / m
     if owner <= replicated:
-        return "owner", f"{owner:.0f} <= {replicated:.0f} bytes per rank, and the LMO runs once per matrix"
-    return "replicated", f"owner would send {owner:.0f} bytes per rank, replicated {replicated:.0f}"
+        return "owner", (f"{owner:.0f} <= {replicated:.0f} bytes per rank on average, and the server step runs "
+                         "once per parameter")
+    return "replicated", f"owner would send {owner:.0f} bytes per rank on average, replicated {replicated:.0f}"
 
 
-def _exchange(chunks: list[list[Tensor]], comm: Communicator, label: str) -> Tensor:
-    """All-to-all of per-destination byte chunks (padded to one length): ``[M, L]`` rows received."""
-    m = comm.world_size
-    flats = [torch.cat(c) if c else torch.zeros(0, dtype=torch.uint8) for c in chunks]
-    length = max(max(f.numel() for f in flats), 1)
-    buf = torch.zeros(m * length, dtype=torch.uint8)
-    for j, f in enumerate(flats):
-        buf[j * length:j * length + f.numel()] = f
-    return comm.all_to_all(buf, label=label)
+# --------------------------------------------------------------------------- the step
 
 
-_LAYOUTS: dict[tuple, tuple[tuple[Tensor, ...], dict]] = {}
+def uplink_steps(rt: GroupRuntime, b: BucketStep, comm: Communicator):
+    """Stage 3's exchange under the owner role: each payload to its parameter's owner (all-to-all-v).
+
+    Returns, for each bucket position this rank owns, the ``M`` payloads in rank order.
+    """
+    m, me = comm.world_size, comm.rank
+    owners = [rt.owners[i] for i in b.positions]
+    sizes = [p.nbytes for p in b.payloads]
+    chunks: list[list[Tensor]] = [[] for _ in range(m)]
+    for p, o in zip(b.payloads, owners):
+        chunks[o].extend(as_bytes(w) for w in p.wire)
+    send = [sum(sz for sz, o in zip(sizes, owners) if o == r) for r in range(m)]
+    mine = [j for j, o in enumerate(owners) if o == me]
+    recv = [sum(sizes[j] for j in mine)] * m
+    device = b.params[0].device
+    flat = torch.cat([c for chunk in chunks for c in chunk]) if any(chunks) else torch.zeros(0, dtype=torch.uint8,
+                                                                                             device=device)
+    pending = comm.all_to_all_v(flat, send, recv, label=f"{rt.config.name}/owner/uplink", async_op=True)
+    yield
+    rows = pending.wait()
+    own_payloads = [b.payloads[j] for j in mine]
+    received = [cut(rows[r], own_payloads) if r != me else own_payloads for r in range(m)]
+    return {j: [received[r][k] for r in range(m)] for k, j in enumerate(mine)}
 
 
-def _layout(codec, p: Tensor) -> tuple[tuple[Tensor, ...], dict]:
-    """The wire tensors' shapes and dtypes, and the ``ctx``, of ``codec``'s payload for a tensor like ``p``
-    (fixed-size compressors: they depend on the shape and dtype only), computed once."""
+def finish_owned(rt: GroupRuntime, b: BucketStep, rows: dict[int, list[Payload]], comm: Communicator) -> None:
+    """Stages 3-5 under the owner role, once :func:`uplink_steps` delivered this rank's payloads."""
+    m, me, label = comm.world_size, comm.rank, rt.config.name
+    agg, lr, wd = rt.aggregator, b.group["lr"], b.group["weight_decay"]
+    owners = [rt.owners[i] for i in b.positions]
+    mine = sorted(rows)
+
+    # 3. aggregate: the owner combines its parameters' payloads; every rank commits its own worker state
+    ties = rt.generators.at(b.step, "aggregate", b.positions)
+    reduced = {j: agg.reduce_owned(rows[j], b.codecs[j], generator=ties.param(j), world_size=m) for j in mine}
+    for j, (p, msg, s, codec) in enumerate(zip(b.payloads, b.messages, b.states, b.codecs)):
+        agg.commit_local(p, msg, s, codec)
+    aggregates = [agg.commit_owned(reduced[j], b.states[j], b.codecs[j]) for j in mine]
+
+    # 4. server: the LMO once per parameter, on its owner
+    directions, duals = rt.server_step(b, aggregates, only=mine) if mine else ([], [])
+    for s, upd in zip(b.states, b.pending):  # the collectives have succeeded: commit worker and server state
+        s.update(upd)
+
+    # 5. downlink: the owner compresses (EF21-P: moves its exact model first); everyone applies
+    down = rt.generators.at(b.step, "downlink", b.positions)
+    outgoing: list[Tensor] = []
+    for j, d, dual in zip(mine, directions, duals):
+        p, name = b.params[j], b.names[j]
+        codec = rt.codec(p, rt.downlink)
+        payload = codec.downlink_payload(p, b.states[j], d, lr=lr, wd=wd, scale=rt.lr_scale(p, name, dual),
+                                         generator=down.param(j))
+        outgoing.extend(as_bytes(w) for w in payload.wire)
+        if rt.lr_rule.needs_dual_norm:
+            outgoing.append(as_bytes(torch.tensor([dual], dtype=torch.float64, device=p.device)))
+    sizes = [_down_nbytes(rt, p) for p in b.params]
+    per_owner = [sum(sz for sz, o in zip(sizes, owners) if o == r) for r in range(m)]
+    flat = torch.cat(outgoing) if outgoing else torch.zeros(0, dtype=torch.uint8, device=b.params[0].device)
+    received = comm.all_to_all_v(flat.repeat(m), [per_owner[me]] * m, per_owner, label=f"{label}/owner/downlink")
+    cursor = [0] * m
+    for j, (p, s, name, o) in enumerate(zip(b.params, b.states, b.names, owners)):
+        codec = rt.codec(p, rt.downlink)
+        like = _layout(codec, p)
+        row = received[o]
+        wires, cursor[o] = _cut(row, cursor[o], like.wire)
+        dual = None
+        if rt.lr_rule.needs_dual_norm:
+            dual = float(row[cursor[o]:cursor[o] + 8].clone().view(torch.float64)[0])
+            cursor[o] += 8
+        codec.apply_downlink_payload_(p, s, Payload(wires, like.ctx), lr=lr, wd=wd,
+                                      scale=rt.lr_scale(p, name, dual), owner=o == me)
+
+
+_LAYOUTS: dict[tuple, Payload] = {}
+
+
+def _layout(codec, p: Tensor) -> Payload:
+    """A payload shaped like ``codec``'s downlink message for a tensor like ``p`` (wire shapes, dtypes and
+    ``ctx`` depend on the shape and dtype only for fixed-size compressors), computed once."""
     key = (type(codec), codec.config, tuple(p.shape), p.dtype, str(p.device))
     if key not in _LAYOUTS:
         template = codec.compress(torch.zeros_like(p), generator=torch.Generator(device=p.device).manual_seed(0))
-        _LAYOUTS[key] = (tuple(torch.empty_like(w) for w in template.wire), template.ctx)
+        _LAYOUTS[key] = Payload(tuple(torch.empty_like(w) for w in template.wire), template.ctx)
     return _LAYOUTS[key]
 
 
@@ -121,113 +215,3 @@ def _cut(row: Tensor, offset: int, like: Sequence[Tensor]) -> tuple[tuple[Tensor
         offset += nb
     return tuple(out), offset
 
-
-def owner_step(
-    rt: GroupRuntime, params: Sequence[Tensor], states: Sequence[dict], names: Sequence[str],
-    payloads: Sequence[Payload], codecs: Sequence, comm: Communicator, *, lr: float, wd: float, step: int,
-) -> None:
-    """One step of the group under the owner role (see the module docstring).
-
-    ``payloads`` are this rank's compressed messages (the pipeline's uplink stage).
-    """
-    from commlmo_aggregators.vote import vote_words
-
-    from .pipeline import block_directions
-
-    m, me, label = comm.world_size, comm.rank, rt.config.name
-    owners = assign_owners(params, m)
-    vote = rt.aggregator.kind == "majority_vote"
-
-    # the shared tie bits, drawn exactly as the replicated vote draws them (same stream, same bytes)
-    tie = None
-    if vote and m % 2 == 0:
-        n = sum(p.wire[0].numel() for p in payloads)
-        padded = -(-n // (8 * m)) * 8 * m
-        tie = torch.randint(0, 256, (padded,), dtype=torch.uint8, generator=rt.generators.shared,
-                            device=payloads[0].wire[0].device)
-
-    # uplink: each payload to its owner
-    chunks: list[list[Tensor]] = [[] for _ in range(m)]
-    for p, r in zip(payloads, owners):
-        chunks[r].extend(as_bytes(w) for w in p.wire)
-    rows = _exchange(chunks, comm, f"{label}/owner/uplink").view(m, -1)
-
-    # server: sum or vote in rank order, the LMO once, the downlink compressed
-    mine = [i for i, r in enumerate(owners) if r == me]
-    offset, aggregates, byte_offset = 0, {}, 0
-    offsets = []  # each payload's byte offset in the group's packed layout (the vote's tie bits)
-    for p in payloads:
-        offsets.append(byte_offset)
-        byte_offset += p.wire[0].numel() if vote else 0
-    for i in mine:
-        p, codec = payloads[i], codecs[i]
-        wires = [_cut(rows[r], offset, p.wire)[0] for r in range(m)]
-        offset += sum(w.numel() * w.element_size() for w in p.wire)
-        if vote:
-            size = p.wire[0].numel()
-            words = -(-size // 8) * 8
-            stack = torch.zeros((m, words), dtype=torch.uint8)
-            for r in range(m):
-                stack[r, :size] = wires[r][0]
-            tie_words = None
-            if tie is not None:
-                tie_words = torch.zeros(words, dtype=torch.uint8)
-                tie_words[:size] = tie[offsets[i]:offsets[i] + size]
-                tie_words = tie_words.view(torch.int64)
-            voted = vote_words(stack.view(torch.int64).view(m, -1), tie_bits=tie_words).view(torch.uint8)[:size]
-            aggregates[i] = codec.decompress(Payload((voted,), p.ctx))
-        else:
-            summed = []
-            for k in range(len(p.wire)):
-                acc = wires[0][k].clone()
-                for r in range(1, m):
-                    acc += wires[r][k]
-                summed.append(acc)
-            aggregates[i] = codec.decompress(Payload(tuple(summed), p.ctx)).div_(m)
-    owned = [params[i] for i in mine]
-    shapes = [rt.block_shape(p) for p in owned]
-    views = [rt.view_of(p).kind for p in owned]
-    directions = block_directions(rt.lmo, [aggregates[i] for i in mine], shapes, views=views,  # type: ignore[arg-type]
-                                  generator=rt.generators.shared) if mine else []
-    down_chunks: list[Tensor] = []
-    down_payloads: dict[int, Payload] = {}
-    direction_of = dict(zip(mine, directions))
-    shared = rt.generators.shared
-    for i, p in enumerate(params):
-        down = rt.codec(p, rt.downlink)
-        # the replicated path compresses every step in parameter order from the shared stream; here
-        # the owner compresses from a copy of that stream's state and every rank advances it alike
-        state = shared.get_state()
-        if not down.advance_generator(shared, p.shape, p.dtype):
-            shared.set_state(state)  # data-dependent draws: a stream derived per step and parameter
-            state = torch.Generator(device=p.device).manual_seed(
-                ((rt.generators.seed_base * 1_000_003 + step) * 100_003 + i) % 2**63).get_state()
-        if i in direction_of:
-            gen = torch.Generator(device=p.device)
-            gen.set_state(state)
-            payload = down.compress(direction_of[i], generator=gen)
-            down_payloads[i] = payload
-            down_chunks.extend(as_bytes(w) for w in payload.wire)
-
-    # downlink: every owner's compressed steps to every rank
-    lengths = [0] * m  # each owner's downlink bytes: the all-gather's row length is the largest
-    for p, o in zip(params, owners):
-        lengths[o] += rt.codec(p, rt.downlink).wire_nbytes(p.shape, p.dtype)
-    length = max(max(lengths), 1)
-    flat = torch.zeros(length, dtype=torch.uint8)
-    if down_chunks:
-        mine_flat = torch.cat(down_chunks)
-        flat[:mine_flat.numel()] = mine_flat
-    gathered = comm.all_gather(flat, label=f"{label}/owner/downlink")
-    cursor = [0] * m
-    for i, (p, s, name, o) in enumerate(zip(params, states, names, owners)):
-        down = rt.codec(p, rt.downlink)
-        if o == me:
-            payload = down_payloads[i]
-        else:
-            like, ctx = _layout(down, p)
-            wires, cursor[o] = _cut(gathered[o], cursor[o], like)
-            payload = Payload(wires, ctx)
-        if wd:
-            p.mul_(1 - lr * wd)
-        Encoded(payload, down).add_to_(p, alpha=-lr * rt.lr_scale(p, name))

@@ -12,9 +12,19 @@ For each parameter ``X`` of a group and each worker ``i``::
 This is the pipeline of the SignMuon paper (Smirnova, Kravatskiy, Kovalev), of
 EF21-Muon (Gruntkowska et al. 2025) and of Scion/Gluon, with element-wise rules
 (AdamW, Distributed Lion, 1-bit Adam) for the parameters that are not matrices.
-"Server" is a role: the aggregate is already on every rank, so the server's LMO
-and downlink run redundantly on each rank and cost no traffic.  The transport of
-each group is chosen once, when the optimizer is built (:meth:`GroupRuntime.plan`).
+"Server" is a role: either the aggregate is already on every rank and the server's
+LMO and downlink run redundantly on each (``replicated``), or each parameter has an
+owner rank that runs them once and sends the compressed step to the others
+(``owner``, :mod:`commlmo.owner`).  The transport and server role of each group are
+chosen once, when the optimizer is built (:meth:`GroupRuntime.plan`).
+
+A step of a *bucket* of a group's parameters runs in three calls, so that the
+uplink can start from a gradient hook while ``backward()`` is still running:
+:meth:`GroupRuntime.prepare` (stages 1 and 2: worker, uplink compression),
+:meth:`GroupRuntime.launch` (the first collectives of stage 3, in flight) and
+:meth:`GroupRuntime.finish` (the rest of 3, then 4 and 5, and every state change).
+Every random draw comes from a stream derived from the seed, the step, the stage and
+the parameter (:mod:`commlmo.streams`), so none of this changes a single bit.
 
 A group's ``view`` says how the LMO, the learning-rate rule and scaled
 compressors see a tensor: one matrix (conv kernels ``out x in*kh*kw``), a stack
@@ -34,12 +44,14 @@ from torch import Tensor
 
 from . import registry
 from .comm import Communicator
-from .transport import mean_of_payloads
 from .config import GroupConfig, MomentumConfig, ViewConfig
 from .errors import AggregatorOutputError
-from .plugin import LMO, Aggregator, Compressor, Encoded, LRRule, Rule
+from .plugin import LMO, Aggregator, Compressor, Encoded, LRRule, Payload, Rule
+from .streams import Generators, Streams
+from .transport import Started, mean_steps
 
-__all__ = ["Generators", "GroupRuntime", "momentum_update", "step_family", "corrupt", "Adversary", "block_directions"]
+__all__ = ["Generators", "GroupRuntime", "BucketStep", "momentum_update", "step_family", "corrupt", "Adversary",
+           "block_directions"]
 
 Adversary = Literal["flip", "amplify", "random", "zero"]
 #: how much an ``amplify`` adversary scales up its reversed message
@@ -64,27 +76,6 @@ def corrupt(v: Tensor, mode: Adversary, *, generator: torch.Generator) -> Tensor
         return torch.zeros_like(v)
     noise = torch.randn(v.shape, generator=generator, device=v.device, dtype=torch.float32)
     return (noise * (v.float().norm() / noise.norm().clamp_min(1e-30))).to(v.dtype)
-
-
-class Generators:
-    """The random streams of one group: ``shared`` (same on every rank) and ``local`` (per rank)."""
-
-    def __init__(self, *, seed: int, group_index: int, rank: int, device: torch.device):
-        self.seed_base = seed * 1_000_003 + group_index  # for streams derived per step and parameter
-        self.shared = torch.Generator(device=device)
-        self.shared.manual_seed(seed * 1_000_003 + group_index)
-        self.local = torch.Generator(device=device)
-        self.local.manual_seed((seed * 1_000_003 + group_index) * 65_537 + rank + 1)
-
-    def for_(self, compressor: Compressor) -> torch.Generator:
-        return self.shared if compressor.capabilities.shared_randomness else self.local
-
-    def state(self) -> dict[str, Tensor]:
-        return {"shared": self.shared.get_state(), "local": self.local.get_state()}
-
-    def load(self, state: dict[str, Tensor]) -> None:
-        self.shared.set_state(state["shared"])
-        self.local.set_state(state["local"])
 
 
 def momentum_update(buf: Tensor, grad: Tensor, *, beta: float, cfg: MomentumConfig) -> tuple[Tensor, Tensor]:
@@ -147,6 +138,42 @@ def block_directions(lmo: LMO, vectors: Sequence[Tensor], shapes: Sequence[tuple
 
 
 @dataclass
+class BucketStep:
+    """A bucket of one param group's parameters on its way through one step.
+
+    ``positions`` are the parameters' places in the group (what their random streams
+    and owner ranks are keyed on); ``pending`` holds the worker and server state changes,
+    committed by :meth:`GroupRuntime.finish` once the collectives succeeded.
+    """
+
+    rt: GroupRuntime
+    group: dict
+    params: list[Tensor]
+    names: list[str]
+    positions: list[int]
+    states: list[dict]
+    pending: list[dict]
+    step: int = 0
+    rule: Rule | None = None
+    vectors: list[Tensor] = field(default_factory=list)
+    messages: list[Tensor] = field(default_factory=list)
+    payloads: list[Payload] = field(default_factory=list)
+    codecs: list[Compressor] = field(default_factory=list)
+    compressed: bool = True
+    started: Started | None = None
+    launched: bool = False
+    versions: list = field(default_factory=list)  # (id, _version) of each gradient when it was sent (overlap)
+
+    @property
+    def shapes(self) -> list[tuple[int, int, int]]:
+        return [self.rt.block_shape(p) for p in self.params]
+
+    @property
+    def views(self) -> list[str]:
+        return [self.rt.view_of(p).kind for p in self.params]
+
+
+@dataclass
 class GroupRuntime:
     """The built plugins of one config group, its plan (transport, block views), and its step."""
 
@@ -164,8 +191,11 @@ class GroupRuntime:
     adversary: Adversary | None = None
     server: str = "replicated"  # the server role: replicated, or owner (commlmo.owner)
     server_reason: str = ""
+    members: list[Tensor] = field(default_factory=list)  # every parameter of the group, in order of arrival
+    owners: list[int] = field(default_factory=list)  # owner rank of each member (owner role)
     views: dict = field(default_factory=dict)  # id(param) -> ViewConfig, for the group view "auto"
     _codecs: dict = field(default_factory=dict)
+    _positions: dict = field(default_factory=dict)
 
     @classmethod
     def build(cls, config: GroupConfig, *, index: int, seed: int, rank: int, device: torch.device) -> GroupRuntime:
@@ -226,17 +256,170 @@ class GroupRuntime:
         shape = p.shape if self.view_of(p).kind == "matrix" else torch.Size(self.block_shape(p)[1:])
         return self.lr_rule.scale(shape, lmo=self.lmo, step_family=self.family, dual_norm=dual, name=name)
 
-    def init_state(self, p: Tensor, state: dict) -> None:
+    def init_state(self, p: Tensor, state: dict, *, owned: bool = True) -> None:
+        """Create the state of ``p`` on first use; under the owner role a rank that does not own ``p``
+        keeps none of the aggregator's and downlink's owner-only state (EF21's ``g``, EF21-P's model)."""
         if state:  # already initialised (stateless groups re-run this no-op every step)
             return
         if self.config.momentum is not None:
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if self.rule is not None:
             state.update(self.rule.init_state(p))
-        state.update(self.aggregator.init_state(p))
-        state.update(self.downlink.init_downlink_state(p))
+        agg, down = self.aggregator.init_state(p), self.downlink.init_downlink_state(p)
+        if not owned:
+            agg = {k: v for k, v in agg.items() if k not in type(self.aggregator).owner_state}
+            down = {k: v for k, v in down.items() if k not in type(self.downlink).owner_state}
+        state.update(agg)
+        state.update(down)
+
+    def position(self, p: Tensor) -> int:
+        """``p``'s place among the group's members (its random streams and owner are keyed on it)."""
+        if len(self._positions) != len(self.members):
+            self._positions = {id(q): i for i, q in enumerate(self.members)}
+        return self._positions[id(p)]
+
+    def owns(self, position: int, comm: Communicator) -> bool:
+        """Whether this rank keeps the server-side state of the group's parameter at ``position``."""
+        return self.server != "owner" or comm.world_size == 1 or self.owners[position] == comm.rank
 
     # ------------------------------------------------------------------ step
+    def prepare(
+        self, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict], names: Sequence[str],
+        positions: Sequence[int], *, group: dict, comm: Communicator, step: int, rule: Rule | None = None,
+    ) -> BucketStep:
+        """Stages 1 and 2 for a bucket: each worker's vector (momentum, worker LMO or rule) and its
+        compressed message.  Nothing is committed: state changes wait in ``pending``.  ``rule``
+        replaces the group's rule for this step (a scheduler changed its ``betas``)."""
+        cfg = self.config
+        rule = rule or self.rule
+        for p, s, i in zip(params, states, positions):
+            self.init_state(p, s, owned=self.owns(i, comm))
+        b = BucketStep(self, group, list(params), list(names), list(positions), list(states),
+                       [{} for _ in params], step=step, rule=rule)
+        worker = self.generators.at(step, "worker", positions)
+
+        # 1. worker
+        if rule is not None:
+            vectors = []
+            for j, (g, s, upd) in enumerate(zip(grads, states, b.pending)):
+                v, changes = rule.worker(g, s, step=step, generator=worker.param(j, shared=False))
+                vectors.append(v)
+                upd.update(changes)
+        elif cfg.momentum is not None:
+            beta = group["momentum"]
+            vectors = []
+            for g, s, upd in zip(grads, states, b.pending):
+                new, v = momentum_update(s["momentum_buffer"], g, beta=beta, cfg=cfg.momentum)
+                vectors.append(v)
+                upd["momentum_buffer"] = new
+        else:
+            vectors = list(grads)
+        if cfg.lmo_at == "worker":
+            vectors = block_directions(self.lmo, vectors, b.shapes, views=b.views,  # type: ignore[arg-type]
+                                       generator=worker.local)
+        if self.adversary is not None:
+            noise = self.generators.at(step, "adversary", positions)
+            vectors = [corrupt(v, self.adversary, generator=noise.param(j, shared=False)) for j, v in enumerate(vectors)]
+        b.vectors = vectors
+
+        # 2. uplink (a rule's full-precision phase, 1-bit Adam's warm-up, sends the vectors as they are)
+        b.compressed = rule is None or rule.uplink_active(step)
+        if b.compressed:
+            up = self.generators.at(step, "uplink", positions)
+            b.codecs = [self.codec(p) for p in params]
+            b.messages = [self.aggregator.message(v, s) for v, s in zip(vectors, states)]
+            b.payloads = [c.compress(m, generator=up.for_(c, j)) for j, (c, m) in enumerate(zip(b.codecs, b.messages))]
+        return b
+
+    def launch(self, b: BucketStep, comm: Communicator) -> None:
+        """Stage 3's first collectives, in flight (``async_op``); :meth:`finish` waits for them.
+
+        An aggregator without :meth:`~commlmo.plugin.Aggregator.exchange` is aggregated in
+        :meth:`finish` instead.  No state changes here.
+        """
+        label = self.config.name
+        if not b.compressed:  # a float32 mean over the owner transport
+            identity = _identity()
+            b.payloads = [identity.compress(v) for v in b.vectors]
+            b.started = Started(mean_steps(b.payloads, identity, comm, transport="owner", label=f"{label}/warmup"))
+        elif self.server == "owner" and comm.world_size > 1:
+            from .owner import uplink_steps
+
+            b.started = Started(uplink_steps(self, b, comm))
+        else:
+            steps = self.aggregator.exchange(b.payloads, codecs=b.codecs, comm=comm, transport=self.transport,
+                                             generators=self.generators.at(b.step, "aggregate", b.positions),
+                                             label=label)
+            b.started = Started(steps) if steps is not None else None
+        b.launched = True
+
+    def finish(self, b: BucketStep, comm: Communicator, *, check_agreement: bool = False) -> None:
+        """The rest of stage 3, then 4 (server) and 5 (downlink and update); commits every state change.
+
+        ``check_agreement`` compares the aggregates across ranks (first and verification steps).
+        """
+        if not b.launched:
+            self.launch(b, comm)
+        if b.compressed and self.server == "owner" and comm.world_size > 1:
+            from .owner import finish_owned
+
+            finish_owned(self, b, b.started.finish(), comm)  # type: ignore[union-attr]
+            return
+        cfg, params, states, names = self.config, b.params, b.states, b.names
+        if not b.compressed:
+            aggregates = b.started.finish()  # type: ignore[union-attr]
+        else:
+            aggregates = self._combine(b, comm)
+            # finiteness costs a pass and a host read: every step for third-party aggregators,
+            # at the first (and every verify_every) step for the built-ins, which their contract kit pins
+            builtin = type(self.aggregator).__module__.split(".")[0] == "commlmo_aggregators"
+            self._check_aggregates(aggregates, params, names, finite=check_agreement or not builtin)
+        if check_agreement and comm.world_size > 1:
+            self._check_agreement(aggregates, names, comm)
+        directions, duals = self.server_step(b, aggregates)
+        for s, upd in zip(states, b.pending):  # the collectives have succeeded: commit worker and server state
+            s.update(upd)
+        self.apply(b, directions, duals)
+
+    def _combine(self, b: BucketStep, comm: Communicator) -> list:
+        """Stage 3 on this rank: the aggregator's result for the bucket (its state committed)."""
+        agg = self.aggregator
+        if b.started is not None:
+            return agg.combine(b.started.finish(), b.payloads, b.messages, b.states, codecs=b.codecs)
+        return agg.aggregate(b.payloads, b.messages, b.states, codecs=b.codecs, comm=comm,
+                             generators=self.generators.at(b.step, "aggregate", b.positions),
+                             transport=self.transport, label=self.config.name)
+
+    def server_step(self, b: BucketStep, aggregates: Sequence, *, only: Sequence[int] | None = None) -> tuple[list, list]:
+        """Stage 4: ``(directions, dual norms)`` of the aggregates (of the bucket's positions ``only``)."""
+        idx = list(range(len(b.params))) if only is None else list(only)
+        dual_norms: list[float | None] = [None] * len(idx)
+        if self.config.lmo_at == "server":
+            dense = [a.decode() if isinstance(a, Encoded) else a for a in aggregates]
+            aggregates = block_directions(self.lmo, dense, [b.shapes[j] for j in idx],  # type: ignore[arg-type]
+                                          views=[b.views[j] for j in idx],
+                                          generator=self.generators.at(b.step, "server", b.positions).shared)
+            if self.lr_rule.needs_dual_norm:
+                # <A, LMO direction of A> is the dual norm (exactly so for exact LMOs), at the cost of
+                # one dot product instead of, for spectral, a full SVD for the nuclear norm
+                dual_norms = [float(torch.sum(a.float() * d.float())) for a, d in zip(dense, aggregates)]
+        if b.rule is not None and type(b.rule).server is not Rule.server:
+            directions = []
+            for j, a in zip(idx, aggregates):
+                d, changes = b.rule.server(a.decode() if isinstance(a, Encoded) else a, b.states[j], step=b.step)
+                directions.append(d)
+                b.pending[j].update(changes)
+            aggregates = directions
+        return list(aggregates), dual_norms
+
+    def apply(self, b: BucketStep, directions: Sequence, duals: Sequence[float | None]) -> None:
+        """Stage 5 on this rank: each parameter moves by its (downlink-compressed) step."""
+        lr, wd = b.group["lr"], b.group["weight_decay"]
+        down = self.generators.at(b.step, "downlink", b.positions)
+        for j, (p, s, name, d, dual) in enumerate(zip(b.params, b.states, b.names, directions, duals)):
+            self.codec(p, self.downlink).apply_downlink_(p, s, d, lr=lr, wd=wd, scale=self.lr_scale(p, name, dual),
+                                                         generator=down.param(j))
+
     def step(
         self,
         params: Sequence[Tensor],
@@ -248,94 +431,14 @@ class GroupRuntime:
         comm: Communicator,
         step: int = 0,
         check_agreement: bool = False,
+        positions: Sequence[int] | None = None,
+        rule: Rule | None = None,
     ) -> None:
-        """One step of the group; ``check_agreement`` compares the aggregates across ranks (first step)."""
-        cfg = self.config
-        lr, wd = group["lr"], group["weight_decay"]
-        for p, s in zip(params, states):
-            self.init_state(p, s)
-        shapes = [self.block_shape(p) for p in params]
-        views = [self.view_of(p).kind for p in params]
-        pending: list[dict[str, Tensor]] = [{} for _ in params]
-
-        # 1. worker
-        if self.rule is not None:
-            vectors = []
-            for g, s, upd in zip(grads, states, pending):
-                v, changes = self.rule.worker(g, s, step=step, generator=self.generators.local)
-                vectors.append(v)
-                upd.update(changes)
-        elif cfg.momentum is not None:
-            beta = group["momentum"]
-            vectors = []
-            for g, s, upd in zip(grads, states, pending):
-                new, v = momentum_update(s["momentum_buffer"], g, beta=beta, cfg=cfg.momentum)
-                vectors.append(v)
-                upd["momentum_buffer"] = new
-        else:
-            vectors = list(grads)
-        if cfg.lmo_at == "worker":
-            vectors = block_directions(self.lmo, vectors, shapes, views=views,  # type: ignore[arg-type]
-                                       generator=self.generators.local)
-        if self.adversary is not None:
-            vectors = [corrupt(v, self.adversary, generator=self.generators.local) for v in vectors]
-
-        # 2. uplink and 3. aggregate
-        if self.rule is None or self.rule.uplink_active(step):
-            codecs = [self.codec(p) for p in params]
-            messages = [self.aggregator.message(v, s) for v, s in zip(vectors, states)]
-            payloads = [c.compress(m, generator=self.generators.for_(c)) for c, m in zip(codecs, messages)]
-            if self.server == "owner" and comm.world_size > 1:
-                from .owner import owner_step
-
-                owner_step(self, params, states, names, payloads, codecs, comm, lr=lr, wd=wd, step=step)
-                for s, upd in zip(states, pending):  # the collectives have succeeded
-                    s.update(upd)
-                return
-            aggregates = self.aggregator.aggregate(
-                payloads, messages, states, codecs=codecs, comm=comm, generators=self.generators,
-                transport=self.transport, label=cfg.name,
-            )
-            # finiteness costs a pass and a host read: every step for third-party aggregators,
-            # at the first (and every verify_every) step for the built-ins, which their contract kit pins
-            builtin = type(self.aggregator).__module__.split(".")[0] == "commlmo_aggregators"
-            self._check_aggregates(aggregates, params, names, finite=check_agreement or not builtin)
-            if check_agreement and comm.world_size > 1:
-                self._check_agreement(aggregates, names, comm)
-        else:  # a rule's full-precision phase (1-bit Adam's warm-up): a float32 mean
-            identity = _identity()
-            aggregates = mean_of_payloads([identity.compress(v) for v in vectors], identity, comm,
-                                          transport="owner", label=f"{cfg.name}/warmup")
-            if check_agreement and comm.world_size > 1:
-                self._check_agreement(aggregates, names, comm)
-
-        # 4. server
-        dual_norms: list[float | None] = [None] * len(params)
-        if cfg.lmo_at == "server":
-            dense = [a.decode() if isinstance(a, Encoded) else a for a in aggregates]
-            aggregates = block_directions(self.lmo, dense, shapes, views=views,  # type: ignore[arg-type]
-                                          generator=self.generators.shared)
-            if self.lr_rule.needs_dual_norm:
-                # <A, LMO direction of A> is the dual norm (exactly so for exact LMOs), at the cost of
-                # one dot product instead of, for spectral, a full SVD for the nuclear norm
-                dual_norms = [float(torch.sum(a.float() * d.float())) for a, d in zip(dense, aggregates)]
-        if self.rule is not None and type(self.rule).server is not Rule.server:
-            directions = []
-            for a, s, upd in zip(aggregates, states, pending):
-                d, changes = self.rule.server(a.decode() if isinstance(a, Encoded) else a, s, step=step)
-                directions.append(d)
-                upd.update(changes)
-            aggregates = directions
-
-        # commit the worker and server state: the collectives have succeeded
-        for s, upd in zip(states, pending):
-            s.update(upd)
-
-        # 5. downlink and update
-        for p, s, name, d, dual in zip(params, states, names, aggregates, dual_norms):
-            down = self.codec(p, self.downlink)
-            down.apply_downlink_(p, s, d, lr=lr, wd=wd, scale=self.lr_scale(p, name, dual),
-                                 generator=self.generators.shared)
+        """One step of the group's parameters as one bucket: :meth:`prepare`, :meth:`launch`, :meth:`finish`."""
+        b = self.prepare(params, grads, states, names, range(len(params)) if positions is None else positions,
+                         group=group, comm=comm, step=step, rule=rule)
+        self.launch(b, comm)
+        self.finish(b, comm, check_agreement=check_agreement)
 
     def _check_aggregates(self, aggregates: Sequence, params: Sequence[Tensor], names: Sequence[str],
                           *, finite: bool = True) -> None:

@@ -365,6 +365,32 @@ class Compressor(Plugin):
         else:
             param.add_(step.to(param.dtype), alpha=-lr * scale)
 
+    # Under the owner server role (commlmo.owner) the stage is cut in two: the owner of the
+    # parameter makes the message, every rank applies it; together they do what
+    # apply_downlink_ does, bit for bit.
+
+    #: downlink state keys only a parameter's owner keeps (EF21-P's exact model)
+    owner_state: ClassVar[tuple[str, ...]] = ()
+
+    def downlink_payload(
+        self, param: Tensor, state: dict[str, Tensor], step: "Tensor | Encoded", *, lr: float, wd: float,
+        scale: float, generator: torch.Generator | None,
+    ) -> Payload:
+        """On the owner: the message every rank applies with :meth:`apply_downlink_payload_` (``C(D)``)."""
+        dense = step.decode() if isinstance(step, Encoded) else step
+        if self.kind == "identity":
+            dense = dense.to(param.dtype)
+        return self.compress(dense, generator=generator)
+
+    def apply_downlink_payload_(
+        self, param: Tensor, state: dict[str, Tensor], payload: Payload, *, lr: float, wd: float, scale: float,
+        owner: bool,
+    ) -> None:
+        """On every rank: ``X <- X (1 - lr*wd) - lr*scale*decompress(payload)`` (``owner``: this rank made it)."""
+        if wd:
+            param.mul_(1 - lr * wd)
+        self.decompress_add_(param, payload, alpha=-lr * scale)
+
 
 # --------------------------------------------------------------------------- aggregators
 
@@ -377,13 +403,16 @@ class AggregatorCapabilities:
     fields) that must be true; ``stateful``: keeps per-parameter tensors in the
     optimizer state; ``output_sign``: its result is +-1 per entry;
     ``robust``: the attacks it claims to resist (checked by the aggregator kit),
-    e.g. ``("amplify",)`` for a vote, where one worker has one vote however loud.
+    e.g. ``("amplify",)`` for a vote, where one worker has one vote however loud;
+    ``owner``: it implements the owner server role (:meth:`Aggregator.reduce_owned`),
+    so one rank per parameter can combine that parameter's payloads (:mod:`commlmo.owner`).
     """
 
     requires: tuple[str, ...] = ()
     stateful: bool = False
     output_sign: bool = False
     robust: tuple[str, ...] = ()
+    owner: bool = False
 
 
 class Aggregator(Plugin):
@@ -449,8 +478,53 @@ class Aggregator(Plugin):
         transport: str,
         label: str,
     ) -> list[Tensor | Encoded]:
-        """Communicate and combine this worker's ``payloads`` (of ``messages``); see the class docstring."""
+        """Communicate and combine this worker's ``payloads`` (of ``messages``); see the class docstring.
+
+        The default runs :meth:`exchange` to its end, then :meth:`combine`.
+        """
+        from .transport import run
+
+        steps = self.exchange(payloads, codecs=codecs, comm=comm, generators=generators, transport=transport,
+                              label=label)
+        if steps is None:
+            raise NotImplementedError(f"aggregator {self.kind!r} implements neither aggregate nor exchange")
+        return self.combine(run(steps), payloads, messages, states, codecs=codecs)
+
+    # -- split form: what lets the optimizer start the uplink inside backward() ----------
+    def exchange(self, payloads: Sequence[Payload], *, codecs: Sequence[Compressor], comm: Any, generators: Any,
+                 transport: str, label: str) -> Any:
+        """Optional: every collective of :meth:`aggregate`, as a generator that changes no state.
+
+        It issues its first collectives with ``async_op=True``, yields once, then waits
+        and finishes (see :mod:`commlmo.transport`); its return value goes to
+        :meth:`combine`.  An aggregator that implements it can have its uplink started
+        from a gradient hook while ``backward()`` runs (``overlap``); one that does not
+        (``None``) is aggregated in ``step()``.
+        """
+        return None
+
+    def combine(self, exchanged: Any, payloads: Sequence[Payload], messages: Sequence[Tensor],
+                states: Sequence[dict[str, Tensor]], *, codecs: Sequence[Compressor]) -> list[Tensor | Encoded]:
+        """With :meth:`exchange`: the aggregates from what it returned, committing this step's state."""
+        return list(exchanged)
+
+    # -- the owner server role (capabilities.owner) ----------------------------------------
+    #: state keys only the owner of a parameter needs (EF21's ``g``); other ranks do not keep them
+    owner_state: ClassVar[tuple[str, ...]] = ()
+
+    def reduce_owned(self, rows: Sequence[Payload], codec: Compressor, *, generator: torch.Generator,
+                     world_size: int) -> Tensor | Encoded:
+        """Owner role: combine the payloads ``rows`` of one parameter, one per rank in rank order,
+        exactly as :meth:`aggregate` combines them (no state); ``generator`` is the parameter's
+        shared stream of the ``aggregate`` stage."""
         raise NotImplementedError
+
+    def commit_owned(self, reduced: Tensor | Encoded, state: dict[str, Tensor], codec: Compressor) -> Tensor | Encoded:
+        """Owner role, on the owner: commit the parameter's server-side state; returns the aggregate."""
+        return reduced
+
+    def commit_local(self, payload: Payload, message: Tensor, state: dict[str, Tensor], codec: Compressor) -> None:
+        """Owner role, on every rank: commit this worker's own state for a parameter it sent."""
 
 
 # --------------------------------------------------------------------------- element-wise rules

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import commlmo
+import commlmo.owner
 from commlmo import simulate
 from commlmo.launch import spawn
 from dist_workers import SHAPES, STEPS, run_configs, train
@@ -33,13 +34,9 @@ CONFIGS |= {
     "signmuon_int8": {"preset": "signmuon", "groups": {"hidden": {"aggregator": {"kind": "majority_vote", "transport": "int8"}}}},
     "signmuon_allgather": {"preset": "signmuon", "groups": {"hidden": {
         "aggregator": {"kind": "majority_vote", "transport": "allgather"}}}},
-    "muonserver_allreduce": {"preset": "muonserver", "groups": {"hidden": {"aggregator": {"kind": "mean", "transport": "allreduce"}}}},
+    "muonserver_allreduce": {"preset": "muonserver", "groups": {"hidden": {
+        "aggregator": {"kind": "mean", "transport": "allreduce"}, "server": "replicated"}}},
     "signmuon_abstain": {"preset": "signmuon", "groups": {"hidden": {"aggregator": {"kind": "majority_vote", "ties": "abstain"}}}},
-    # the owner server role: each matrix aggregated, orthogonalised and compressed by one rank
-    "muonserver_owner": {"preset": "muonserver", "groups": {"hidden": {"server": "owner"}}},
-    "muonsign_owner": {"preset": "muonsign", "groups": {"hidden": {"server": "owner"}}},
-    "muonusign_owner": {"preset": "muonusign", "groups": {"hidden": {"server": "owner"}}},
-    "scion_owner": {"preset": "scion", "groups": {"hidden": {"server": "owner"}}},
     # every parameter through one element-wise rule
     "lion_vote": {"groups": [{"name": "all", "params": {"ndim": None}, "rule": {"kind": "lion"},
                               "uplink": {"kind": "sign"}, "aggregator": {"kind": "majority_vote"}}]},
@@ -51,6 +48,21 @@ CONFIGS |= {
     "ef21_stack_view": {"groups": [{"name": "conv", "params": {"ndim": [4]}, "view": {"kind": "stack"},
                                     "uplink": {"kind": "sign", "scale": "mean"}, "aggregator": {"kind": "ef21"}}]},
 }
+
+
+#: the presets with a server step: each also runs with the owner role and the replicated one, forced (the
+#: preset itself takes ``server: auto``), and with the compressed EF21-P downlinks
+OWNED = ["muonserver", "muonusign", "muonsign", "ef21signmuon", "ef21muonusign", "ef21muonsign", "scion", "gluon",
+         "ef21muon", "ef21muon_topk_down", "ef21muon_natural_down"]
+
+
+def _with_server(name: str, server: str) -> dict:
+    cfg = CONFIGS[name] if isinstance(CONFIGS[name], dict) else {"preset": name}
+    hidden = {**cfg.get("groups", {}).get("hidden", {}), "server": server}
+    return {**cfg, "groups": {**cfg.get("groups", {}), "hidden": hidden}}
+
+
+CONFIGS |= {f"{name}_{server}": _with_server(name, server) for name in OWNED for server in ("owner", "replicated")}
 
 
 @pytest.fixture(scope="module", params=[2, 3, 4])
@@ -98,7 +110,15 @@ def test_measured_bytes_equal_the_transport_formulas(world):
     # all-gather of packed signs: (M-1) bits per coordinate
     assert _sent(b["signmuon_allgather"]["bytes"][0], "hidden/majority_vote") == (m - 1) * math.ceil(packed / 8) * 8
     # float32 mean by the owner transport: 2(M-1)/M * 32 bits (on the padded length)
-    assert _sent(b["muonserver"]["bytes"][0], "hidden/mean") == round(2 * (m - 1) / m * 4 * math.ceil(d / m) * m)
+    assert _sent(b["muonserver_replicated"]["bytes"][0], "hidden/mean") == round(2 * (m - 1) / m * 4 * math.ceil(d / m) * m)
+    # the owner role: each rank sends the payloads of the matrices it does not own, and its own matrices'
+    # float32 steps to every other rank
+    owners = commlmo.owner.assign_owners([torch.empty(SHAPES[n]) for n in matrices], m)
+    for rank in range(m):
+        up = sum(4 * math.prod(SHAPES[n]) for n, o in zip(matrices, owners) if o != rank)
+        down = (m - 1) * sum(4 * math.prod(SHAPES[n]) for n, o in zip(matrices, owners) if o == rank)
+        assert _sent(real[rank]["muonserver_owner"]["bytes"][1], "hidden/owner/uplink") == up
+        assert _sent(real[rank]["muonserver_owner"]["bytes"][1], "hidden/owner/downlink") == down
     assert _sent(b["muonserver_allreduce"]["bytes"][0], "hidden/mean") == round(2 * (m - 1) / m * 4 * d)
     # the bias (7 entries) goes to the recipe's Distributed Lion group: one owner vote of one packed byte,
     # padded to one 64-bit word per rank
@@ -129,7 +149,7 @@ def test_one_rank_through_the_distributed_path_equals_the_single_process_optimiz
         assert all(not v for v in real[name]["bytes"])
 
 
-@pytest.mark.parametrize("name", ["muonserver", "muonsign", "muonusign", "scion"])
+@pytest.mark.parametrize("name", OWNED)
 def test_the_owner_server_role_equals_the_replicated_one_bitwise(world, name):
     m, real, _ = world
     for rank in range(m):

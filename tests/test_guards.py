@@ -152,9 +152,12 @@ def test_aggregates_that_differ_by_rank_are_caught_at_the_first_step(bad_mean):
 
 
 def test_the_owner_role_is_refused_where_it_is_not_supported_and_auto_says_what_it_chose():
-    w = torch.nn.Parameter(torch.randn(6, 5))
-    with pytest.raises(ConfigError, match="server: owner is not supported here: aggregator 'ef21'"):
-        build_optimizer([("w", w)], {"preset": "ef21muonusign", "groups": {"hidden": {"server": "owner"}}})
+    w, b = torch.nn.Parameter(torch.randn(6, 5)), torch.nn.Parameter(torch.randn(5))
+    with pytest.raises(ConfigError, match="server: owner is not supported here: lmo_at is 'worker' and aggregator "
+                       "'majority_vote' keeps no server state"):
+        build_optimizer([("w", w)], {"preset": "signmuon", "groups": {"hidden": {"server": "owner"}}})
+    with pytest.raises(ConfigError, match="server: owner is not supported here: element-wise rules run replicated"):
+        build_optimizer([("b", b)], {"preset": "signmuon", "groups": {"vector": {"server": "owner"}}})
 
     def worker(rank, comm):
         picks = {}

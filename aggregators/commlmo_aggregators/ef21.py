@@ -23,8 +23,7 @@ from pydantic import Field
 import torch
 from torch import Tensor
 
-from commlmo.plugin import AggregatorCapabilities, Compressor, PluginConfig
-from commlmo.transport import mean_of_payloads
+from commlmo.plugin import AggregatorCapabilities, Compressor, Payload, PluginConfig
 
 from .mean import MeanTransported, average
 
@@ -43,7 +42,10 @@ class EF21(MeanTransported):
     """EF21 error feedback: send C(v_i - g_i), keep g_i and g = mean g_i in optimizer state."""
 
     Config = EF21Config
-    capabilities = AggregatorCapabilities(stateful=True)
+    capabilities = AggregatorCapabilities(stateful=True, owner=True)
+    label_suffix = "ef21"
+    #: under the owner server role only a parameter's owner keeps the shared estimate g
+    owner_state = ("ef21_global",)
 
     @classmethod
     def check_uplink(cls, config, uplink_kind, uplink) -> str | None:
@@ -60,14 +62,21 @@ class EF21(MeanTransported):
     def message(self, v: Tensor, state: dict[str, Tensor]) -> Tensor:
         return v - state["ef21_local"]
 
-    def aggregate(self, payloads, messages, states, *, codecs, comm, generators, transport, label) -> list[Tensor]:
-        means = mean_of_payloads(payloads, codecs, comm, transport=transport, label=f"{label}/ef21")  # type: ignore[arg-type]
-        # State changes only after the collectives succeeded.
-        for s, p, codec, mean in zip(states, payloads, codecs, means):
-            damp = damping(codec, s["ef21_local"].shape)
-            codec.decompress_add_(s["ef21_local"], p, alpha=damp)
-            s["ef21_global"].add_(mean, alpha=damp)
-        return [s["ef21_global"] for s in states]
+    def combine(self, exchanged, payloads, messages, states, *, codecs) -> list[Tensor]:
+        out = []
+        for s, p, codec, mean in zip(states, payloads, codecs, exchanged):  # after the collectives succeeded
+            self.commit_local(p, None, s, codec)
+            out.append(self.commit_owned(mean, s, codec))
+        return out
+
+    def commit_local(self, payload: Payload, message, state: dict[str, Tensor], codec: Compressor) -> None:
+        """``g_i <- g_i + c_i`` (damped for an unbiased uplink)."""
+        codec.decompress_add_(state["ef21_local"], payload, alpha=damping(codec, state["ef21_local"].shape))
+
+    def commit_owned(self, reduced: Tensor, state: dict[str, Tensor], codec: Compressor) -> Tensor:
+        """``g <- g + mean_i c_i`` (damped); ``g`` is the aggregate."""
+        state["ef21_global"].add_(reduced, alpha=damping(codec, state["ef21_global"].shape))
+        return state["ef21_global"]
 
     @staticmethod
     def reference(messages_per_worker, config, *, codecs: Sequence[Compressor] | None = None) -> list[Tensor]:

@@ -8,9 +8,10 @@ model ``W`` (the parameters gradients are taken at)::
 
 (Gruntkowska, Tyurin, Richtárik 2023, "EF21-P and Friends"; used as the downlink of
 EF21-Muon and of the SignMuon paper's EF21-MuonSign).  Here every rank runs
-the server role redundantly, so ``X`` lives in each rank's optimizer state
-(``ef21p_model``, this stage's own state) and the compressed difference is applied
-identically on all.  It is an ordinary downlink stage: it overrides
+the server role redundantly (``server: replicated``), so ``X`` lives in each rank's
+optimizer state (``ef21p_model``, this stage's own state) and the compressed difference is
+applied identically on all; under ``server: owner`` only the parameter's owner keeps ``X``
+and sends ``C(X - W)`` to the others.  It is an ordinary downlink stage: it overrides
 :meth:`~commlmo.plugin.Compressor.init_downlink_state` and
 :meth:`~commlmo.plugin.Compressor.apply_downlink_`.
 """
@@ -83,14 +84,15 @@ class EF21P(Compressor):
     def omega(self, shape):
         return self.inner.omega(shape)
 
+    #: under the owner server role only a parameter's owner keeps the exact model
+    owner_state = ("ef21p_model",)
+
     def init_downlink_state(self, param: Tensor) -> dict[str, Tensor]:
         return {"ef21p_model": param.detach().clone()}
 
-    def apply_downlink_(
-        self, p: Tensor, state: dict, d: Tensor | Encoded, *, lr: float, wd: float, scale: float,
-        generator: torch.Generator | None,
-    ) -> None:
-        """Advance the exact model by the step, then move ``p`` (= W) by ``C(X - W)``."""
+    def downlink_payload(self, p: Tensor, state: dict, d: Tensor | Encoded, *, lr: float, wd: float, scale: float,
+                         generator: torch.Generator | None) -> Payload:
+        """On the owner: advance the exact model by the step, and compress ``X - W``."""
         x = state["ef21p_model"]
         if wd:
             x.mul_(1 - lr * wd)
@@ -98,5 +100,17 @@ class EF21P(Compressor):
             d.add_to_(x, alpha=-lr * scale)
         else:
             x.add_(d.to(x.dtype), alpha=-lr * scale)
-        payload = self.inner.compress(x - p, generator=generator)
+        return self.inner.compress(x - p, generator=generator)
+
+    def apply_downlink_payload_(self, p: Tensor, state: dict, payload: Payload, *, lr: float, wd: float,
+                                scale: float, owner: bool) -> None:
+        """On every rank: ``W <- W + C(X - W)``."""
         self.inner.decompress_add_(p, payload, alpha=1.0)
+
+    def apply_downlink_(
+        self, p: Tensor, state: dict, d: Tensor | Encoded, *, lr: float, wd: float, scale: float,
+        generator: torch.Generator | None,
+    ) -> None:
+        """Advance the exact model by the step, then move ``p`` (= W) by ``C(X - W)``."""
+        payload = self.downlink_payload(p, state, d, lr=lr, wd=wd, scale=scale, generator=generator)
+        self.apply_downlink_payload_(p, state, payload, lr=lr, wd=wd, scale=scale, owner=True)

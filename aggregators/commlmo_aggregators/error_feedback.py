@@ -24,8 +24,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from commlmo.plugin import AggregatorCapabilities, PluginConfig
-from commlmo.transport import mean_of_payloads
+from commlmo.plugin import AggregatorCapabilities, Compressor, Payload, PluginConfig
 
 from .mean import MeanTransported, average
 
@@ -44,7 +43,8 @@ class ErrorFeedback(MeanTransported):
     """Error-compensated mean: send C(v_i + e_i), keep e_i = what compression dropped (1-bit Adam's uplink)."""
 
     Config = ErrorFeedbackConfig
-    capabilities = AggregatorCapabilities(stateful=True)
+    capabilities = AggregatorCapabilities(stateful=True, owner=True)
+    label_suffix = "error_feedback"
 
     def init_state(self, param: Tensor) -> dict[str, Tensor]:
         return {"ef_error": torch.zeros_like(param)}
@@ -52,13 +52,16 @@ class ErrorFeedback(MeanTransported):
     def message(self, v: Tensor, state: dict[str, Tensor]) -> Tensor:
         return v + state["ef_error"]
 
-    def aggregate(self, payloads, messages, states, *, codecs, comm, generators, transport, label) -> list[Tensor]:
-        means = mean_of_payloads(payloads, codecs, comm, transport=transport, label=f"{label}/error_feedback")  # type: ignore[arg-type]
+    def combine(self, exchanged, payloads, messages, states, *, codecs) -> list[Tensor]:
         for s, p, codec, msg in zip(states, payloads, codecs, messages):  # after the collectives succeeded
-            err = s["ef_error"]
-            err.copy_(msg)
-            codec.decompress_add_(err, p, alpha=-1.0)
-        return means
+            self.commit_local(p, msg, s, codec)
+        return list(exchanged)
+
+    def commit_local(self, payload: Payload, message: Tensor, state: dict[str, Tensor], codec: Compressor) -> None:
+        """``e_i <- v_i + e_i - c_i``: what compression dropped from this worker's message."""
+        err = state["ef_error"]
+        err.copy_(message)
+        codec.decompress_add_(err, payload, alpha=-1.0)
 
     @staticmethod
     def reference(messages_per_worker, config) -> list[Tensor]:

@@ -56,7 +56,7 @@ class MajorityVote(Aggregator):
     """sign(sum of the workers' signs), voted on packed bits; 32x fewer bytes than float32 all-reduce."""
 
     Config = MajorityVoteConfig
-    capabilities = AggregatorCapabilities(requires=("sign_bits",), output_sign=True, robust=("amplify",))
+    capabilities = AggregatorCapabilities(requires=("sign_bits",), output_sign=True, robust=("amplify",), owner=True)
 
     def plan(self, uplink: Compressor, *, world_size: int, payload_bytes: int, dense_entries: int) -> str:
         m, t = world_size, self.config.transport
@@ -73,11 +73,13 @@ class MajorityVote(Aggregator):
                                    "transports; use one of those, or ties: random")
         return t
 
-    def aggregate(self, payloads: Sequence[Payload], messages, states, *, codecs, comm, generators, transport,
-                  label) -> list[Encoded]:
+    def exchange(self, payloads: Sequence[Payload], *, codecs, comm, generators, transport, label):
         uplink = codecs[0]
         if any(len(p.wire) != 1 or p.wire[0].dtype != torch.uint8 for p in payloads):
             raise TypeError(f"majority vote needs one packed uint8 wire tensor per message; {uplink.kind!r} sent otherwise")
+        return self._steps(payloads, uplink, comm, generators, transport, f"{label}/majority_vote")
+
+    def _steps(self, payloads, uplink, comm, generators, transport, name):
         sizes = [p.wire[0].numel() for p in payloads]
         packed = torch.cat([p.wire[0] for p in payloads])
         m = comm.world_size
@@ -87,18 +89,19 @@ class MajorityVote(Aggregator):
             voted = packed
         else:
             n = packed.numel()
-            # owner shards are whole 64-bit words; tie bits are drawn for that length under
-            # every transport, so a coordinate gets the same tie bit whichever transport runs
+            # owner shards are whole 64-bit words; every parameter's tie bits come from its own stream, so a
+            # coordinate gets the same tie bit under every transport, bucketing and server role
             padded_len = -(-n // (8 * m)) * 8 * m
             buf = torch.cat([packed, packed.new_zeros(padded_len - n)])
-            tie = (
-                torch.randint(0, 256, (padded_len,), dtype=torch.uint8, generator=generators.shared, device=packed.device)
-                if m % 2 == 0 and not abstain else None
-            )
-            name = f"{label}/majority_vote"
+            tie = None
+            if m % 2 == 0 and not abstain:
+                tie = torch.cat([tie_bytes(size, generators.param(j), packed.device) for j, size in enumerate(sizes)]
+                                + [packed.new_zeros(padded_len - n)])
             found: list[Tensor] | None = [] if abstain else None
             if transport == "owner":
-                rows = comm.all_to_all(buf, label=name)
+                pending = comm.all_to_all(buf, label=name, async_op=True)
+                yield
+                rows = pending.wait()
                 mine = tie.view(m, -1)[comm.rank] if tie is not None else None
                 shard = vote_words(rows.view(torch.int64), tie_bits=_words(mine), ties_out=found)
                 if found:  # the tie mask travels back with the result: 2 bits per coordinate
@@ -111,22 +114,42 @@ class MajorityVote(Aggregator):
                 voted = gathered.reshape(-1)[:n]
             elif transport == "allgather":  # whole 64-bit words suffice here
                 words = -(-n // 8) * 8
-                rows = comm.all_gather(buf[:words], label=name)
+                pending = comm.all_gather(buf[:words], label=name, async_op=True)
+                yield
+                rows = pending.wait()
                 tie_words = _words(tie[:words]) if tie is not None else None
                 voted = vote_words(rows.view(torch.int64), tie_bits=tie_words, ties_out=found).view(torch.uint8)[:n]
                 if found:
                     ties = found[0].view(torch.uint8)[:n]
             else:
-                voted = self._int8_vote(payloads, uplink, comm, tie, name)
+                dense = [uplink.decompress(p) for p in payloads]
+                pending = comm.all_reduce_sum_(torch.cat([d.reshape(-1).to(torch.int8) for d in dense]), label=name,
+                                               async_op=True)
+                yield
+                voted = self._int8_repack(pending.wait(), dense, payloads, uplink, tie)
         out, offset = [], 0
         for p, size in zip(payloads, sizes):
-            wire = (voted[offset:offset + size],)
-            if ties is None:
-                out.append(Encoded(Payload(wire, p.ctx), uplink))
-            else:
-                out.append(Encoded(Payload(wire + (ties[offset:offset + size],), p.ctx), _Abstaining(uplink)))
+            out.append(_encoded(voted[offset:offset + size], None if ties is None else ties[offset:offset + size],
+                                p, uplink))
             offset += size
         return out
+
+    def reduce_owned(self, rows: Sequence[Payload], codec, *, generator, world_size) -> Encoded:
+        """The vote of one parameter's ``M`` packed messages, with the tie bits the replicated vote draws."""
+        m = len(rows)
+        size = rows[0].wire[0].numel()
+        words = -(-size // 8) * 8
+        stack = torch.zeros((m, words), dtype=torch.uint8, device=rows[0].wire[0].device)
+        for r, p in enumerate(rows):
+            stack[r, :size] = p.wire[0]
+        abstain = self.config.ties == "abstain" and m % 2 == 0
+        tie_words, found = None, ([] if abstain else None)
+        if m % 2 == 0 and not abstain:
+            tie = torch.zeros(words, dtype=torch.uint8, device=stack.device)
+            tie[:size] = tie_bytes(size, generator, stack.device)
+            tie_words = tie.view(torch.int64)
+        voted = vote_words(stack.view(torch.int64), tie_bits=tie_words, ties_out=found).view(torch.uint8)[:size]
+        return _encoded(voted, found[0].view(torch.uint8)[:size] if found else None, rows[0], codec)
 
     @staticmethod
     def reference(messages_per_worker: Sequence[Sequence[Tensor]], config: MajorityVoteConfig) -> list[Tensor]:
@@ -142,11 +165,8 @@ class MajorityVote(Aggregator):
         return out
 
     @staticmethod
-    def _int8_vote(payloads, uplink, comm, tie: Tensor | None, label: str) -> Tensor:
-        """The SignMuon paper's one integer all-reduce: sum +-1 votes in int8, then repack."""
-        dense = [uplink.decompress(p) for p in payloads]
-        votes = [d.reshape(-1).to(torch.int8) for d in dense]
-        total = comm.all_reduce_sum_(torch.cat(votes), label=label)
+    def _int8_repack(total: Tensor, dense: list[Tensor], payloads, uplink, tie: Tensor | None) -> Tensor:
+        """The SignMuon paper's one integer all-reduce: ``total`` sums the +-1 votes in int8; repack its signs."""
         tie_bits = unpack_bits(tie) if tie is not None else None
         packed, offset, bit_offset = [], 0, 0
         for d, p in zip(dense, payloads):
@@ -159,6 +179,17 @@ class MajorityVote(Aggregator):
             offset += d.numel()
             bit_offset += p.wire[0].numel() * 8
         return torch.cat(packed)
+
+
+def tie_bytes(size: int, generator: torch.Generator, device) -> Tensor:
+    """``size`` random bytes of tie bits for one parameter's packed vote (its own shared stream)."""
+    return torch.randint(0, 256, (size,), dtype=torch.uint8, generator=generator, device=device)
+
+
+def _encoded(voted: Tensor, ties: Tensor | None, p: Payload, uplink) -> Encoded:
+    if ties is None:
+        return Encoded(Payload((voted,), p.ctx), uplink)
+    return Encoded(Payload((voted, ties), p.ctx), _Abstaining(uplink))
 
 
 class _Abstaining:

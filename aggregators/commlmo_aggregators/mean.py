@@ -10,8 +10,8 @@ from pydantic import Field
 import torch
 from torch import Tensor
 
-from commlmo.plugin import Aggregator, Compressor, CompressorCapabilities, Payload, PluginConfig
-from commlmo.transport import cheapest, mean_of_payloads
+from commlmo.plugin import Aggregator, AggregatorCapabilities, Compressor, CompressorCapabilities, PluginConfig
+from commlmo.transport import cheapest, decoded_mean, mean_steps
 
 __all__ = ["Mean", "MeanConfig", "MeanTransported", "average", "pick_mean_transport", "transport_problem"]
 
@@ -62,7 +62,12 @@ def transport_problem(transport: str, uplink_kind: str, uplink: CompressorCapabi
 
 class MeanTransported(Aggregator):
     """Base of the aggregators whose payloads travel as a mean (``mean``, ``ef21``, ``error_feedback``):
-    a ``transport`` config field checked against the uplink and resolved once by :func:`pick_mean_transport`."""
+    a ``transport`` config field checked against the uplink and resolved once by :func:`pick_mean_transport`;
+    the mean itself is the :meth:`exchange` (no state), and under the owner server role the owner takes
+    it of the parameter's payloads in rank order."""
+
+    #: the label of this aggregator's collectives
+    label_suffix = "mean"
 
     @classmethod
     def check_uplink(cls, config, uplink_kind, uplink) -> str | None:
@@ -71,6 +76,12 @@ class MeanTransported(Aggregator):
     def plan(self, uplink: Compressor, *, world_size: int, payload_bytes: int, dense_entries: int) -> str:
         return pick_mean_transport(self.config.transport, uplink.capabilities, uplink_kind=uplink.kind,
                                    world_size=world_size, payload_bytes=payload_bytes)
+
+    def exchange(self, payloads, *, codecs, comm, generators, transport, label):
+        return mean_steps(payloads, codecs, comm, transport=transport, label=f"{label}/{self.label_suffix}")  # type: ignore[arg-type]
+
+    def reduce_owned(self, rows, codec, *, generator, world_size) -> Tensor:
+        return decoded_mean(rows, codec)
 
 
 class Mean(MeanTransported):
@@ -82,10 +93,7 @@ class Mean(MeanTransported):
     """
 
     Config = MeanConfig
-
-    def aggregate(self, payloads: Sequence[Payload], messages, states, *, codecs, comm, generators, transport,
-                  label) -> list[Tensor]:
-        return mean_of_payloads(payloads, codecs, comm, transport=transport, label=f"{label}/mean")  # type: ignore[arg-type]
+    capabilities = AggregatorCapabilities(owner=True)
 
     @staticmethod
     def reference(messages_per_worker: Sequence[Sequence[Tensor]], config: MeanConfig) -> list[Tensor]:

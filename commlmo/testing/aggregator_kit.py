@@ -307,21 +307,25 @@ class _Tapped(Communicator):
             self.failed = f"{name} #{self.calls} ({label})"
             raise _InjectedFailure(f"check_aggregator: simulated failure of collective {self.failed}")
 
-    def all_reduce_sum_(self, t: Tensor, *, label: str) -> Tensor:
+    def all_reduce_sum_(self, t: Tensor, *, label: str, async_op: bool = False) -> Any:
         self._enter("all_reduce_sum_", label)
-        return self.inner.all_reduce_sum_(t, label=label)
+        return self.inner.all_reduce_sum_(t, label=label, async_op=async_op)
 
-    def all_gather(self, t: Tensor, *, label: str) -> Tensor:
+    def all_gather(self, t: Tensor, *, label: str, async_op: bool = False) -> Any:
         self._enter("all_gather", label)
-        return self.inner.all_gather(t, label=label)
+        return self.inner.all_gather(t, label=label, async_op=async_op)
 
-    def all_to_all(self, t: Tensor, *, label: str) -> Tensor:
+    def all_to_all(self, t: Tensor, *, label: str, async_op: bool = False) -> Any:
         self._enter("all_to_all", label)
-        return self.inner.all_to_all(t, label=label)
+        return self.inner.all_to_all(t, label=label, async_op=async_op)
 
-    def all_max_(self, t: Tensor, *, label: str) -> Tensor:
+    def all_to_all_v(self, t: Tensor, send: list[int], recv: list[int], *, label: str, async_op: bool = False) -> Any:
+        self._enter("all_to_all_v", label)
+        return self.inner.all_to_all_v(t, send, recv, label=label, async_op=async_op)
+
+    def all_max_(self, t: Tensor, *, label: str, async_op: bool = False) -> Any:
         self._enter("all_max_", label)
-        return self.inner.all_max_(t, label=label)
+        return self.inner.all_max_(t, label=label, async_op=async_op)
 
 
 class _Timeout(Exception):
@@ -394,18 +398,20 @@ class _Check:
 
     # -- running
     def _one_step(self, comm: Communicator, gens: Generators, vectors: list[Tensor],
-                  states: list[dict[str, Tensor]]) -> _StepResult:
+                  states: list[dict[str, Tensor]], step: int = 0) -> _StepResult:
         """``message -> compress -> aggregate``, as GroupRuntime.step calls them."""
         codecs = [self.uplink] * len(vectors)
         before = _clone_state(states)
         messages = [self.agg.message(v, s) for v, s in zip(vectors, states)]
         message_changed = not _same_state(before, states)
-        payloads = [c.compress(msg, generator=gens.for_(c)) for c, msg in zip(codecs, messages)]
+        up = gens.at(step, "uplink", range(len(vectors)))
+        payloads = [c.compress(msg, generator=up.for_(c, j)) for j, (c, msg) in enumerate(zip(codecs, messages))]
         decoded = [c.decompress(p).clone() for c, p in zip(codecs, payloads)]
         saved_messages = [msg.clone() for msg in messages]
         saved_wires = [tuple(w.clone() for w in p.wire) for p in payloads]
         tapped = comm if isinstance(comm, _Tapped) else _Tapped(comm)
-        out = self.agg.aggregate(payloads, messages, states, codecs=codecs, comm=tapped, generators=gens,
+        out = self.agg.aggregate(payloads, messages, states, codecs=codecs, comm=tapped,
+                                 generators=gens.at(step, "aggregate", range(len(vectors))),
                                  transport=self.transport, label="kit")
         mutated = [f"message {i}" for i, (msg, s) in enumerate(zip(messages, saved_messages))
                    if not _same_bits(msg, s)]
@@ -448,7 +454,7 @@ class _Check:
                 injections = []
                 if step == 1 and inject and results[0].calls:
                     injections = self._inject(comm, gens, ex.vectors(rank, 1), states, results[0].calls)
-                results.append(self._one_step(comm, gens, ex.vectors(rank, step), states))
+                results.append(self._one_step(comm, gens, ex.vectors(rank, step), states, step))
                 results[-1].injections = injections
             if steps == 1 and inject and results[0].calls:
                 results[0].injections = self._inject(comm, gens, ex.vectors(rank, 1), states, results[0].calls)
@@ -564,7 +570,9 @@ class _Check:
                 gens, states = self._fresh(rank)
                 vectors = ex.vectors(rank, 0)
                 if rank in ATTACKERS:
-                    vectors = [corrupt(v, mode, generator=gens.local) for v in vectors]  # type: ignore[arg-type]
+                    noise = gens.at(0, "adversary", range(len(vectors)))
+                    vectors = [corrupt(v, mode, generator=noise.param(j, shared=False))  # type: ignore[arg-type]
+                               for j, v in enumerate(vectors)]
                 return self._one_step(comm, gens, vectors, states)
             return worker
 
