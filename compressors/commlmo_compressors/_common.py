@@ -12,6 +12,8 @@ from torch import Tensor
 from commlmo.errors import NonFiniteInputError
 from commlmo.plugin import Compressor, inputs_known_finite
 
+from . import _native
+
 __all__ = [
     "KSpec",
     "LayoutCompressor",
@@ -68,9 +70,10 @@ def check_finite(x: Tensor, name: str) -> None:
     A finite sum proves every entry finite; a non-finite sum may also be an
     overflow of finite entries, so only then is each entry checked.  Skipped
     under ``torch.compile``, where raising on data needs a host read (a graph
-    break): a compiled caller checks its inputs itself, as the optimizer does.
+    break), and for fake tensors: such a caller checks its inputs itself, as the
+    optimizer does.
     """
-    if torch.compiler.is_compiling() or inputs_known_finite():  # the optimizer agreed on finite gradients
+    if not _native.readable(x) or inputs_known_finite():  # the optimizer agreed on finite gradients
         return
     if x.numel() and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
         raise NonFiniteInputError(f"{name}: input has NaN or Inf entries; nothing was compressed")

@@ -42,7 +42,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode, is_traceabl
 
 from ._csrc import SOURCE
 
-__all__ = ["available", "call", "dispatches_itself", "kernels", "num_threads"]
+__all__ = ["available", "call", "dispatches_itself", "kernels", "num_threads", "readable"]
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -207,3 +207,11 @@ def call(op: Callable, cpu_kernel: Callable, *args: Any) -> Any:
     ):
         return cpu_kernel(*args)
     return op(*args)
+
+
+def readable(t: torch.Tensor) -> bool:
+    """Whether a check may read ``t``'s values back to the host: not under ``torch.compile`` (a graph
+    break) and not for fake or meta tensors, which have shapes but no values."""
+    if torch.compiler.is_compiling():
+        return False
+    return t.device.type != "meta" and not isinstance(t, torch._subclasses.fake_tensor.FakeTensor)

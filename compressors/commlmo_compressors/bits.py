@@ -185,8 +185,8 @@ def pack_signs(
 
     The checks read two counts back to the host; they are skipped where they
     cannot fail (finite inputs declared by the optimizer, no zero policy to
-    enforce) and under ``torch.compile`` (where zeros then pack as +1 without a
-    generator, and the caller owns the finiteness check).
+    enforce), under ``torch.compile`` and for fake tensors (where zeros then pack
+    as +1 without a generator, and the caller owns the finiteness check).
     """
     if not x.dtype.is_floating_point:
         raise TypeError(f"{name}: expected a floating-point tensor, got {x.dtype}")
@@ -198,7 +198,7 @@ def pack_signs(
     else:
         key = torch.zeros(2, dtype=torch.int64, device=x.device)
     packed, counts = _native.call(torch.ops.commlmo.pack_signs.default, _pack_cpu, x, key, _MODES[mode])
-    if torch.compiler.is_compiling():
+    if not _native.readable(counts):
         return packed
     check_zeros = zero == "random" and generator is None
     if not check_zeros and inputs_known_finite():

@@ -187,10 +187,11 @@ class _Frame:
     def times_with_gram(self, v: Tensor) -> tuple[Tensor, Tensor | None]:
         """``(M v, M^T M v)`` in one read of ``X`` where a kernel can, else ``(M v, None)``.
 
-        Under ``torch.compile`` always ``(M v, None)``: the one-read path's choice
-        between ``(X^T P) R^-1`` and a second read needs ``cond(R)`` on the host.
+        Under ``torch.compile`` (and for fake tensors) always ``(M v, None)``: the
+        one-read path's choice between ``(X^T P) R^-1`` and a second read needs
+        ``cond(R)`` on the host.
         """
-        if self.transposed or torch.compiler.is_compiling() or _kernels_for(self.x, v) is None:
+        if self.transposed or not _native.readable(self.x) or _kernels_for(self.x, v) is None:
             return self.times(v), None
         p, gram_t = _native.call(torch.ops.commlmo.skinny_xq_xtp.default, _xq_xtp_cpu, self.x, v)
         return p, gram_t.T
@@ -289,7 +290,7 @@ def _(x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _finite_or_rescaled(frame: _Frame, q: Tensor, p: Tensor, gram: Tensor | None):
-    if torch.compiler.is_compiling():  # the check needs host reads; a compiled caller checks its inputs
+    if not _native.readable(p):  # the check needs host reads; a compiled caller checks its inputs
         return p, gram
     if bool(torch.isfinite(p.sum())) and (gram is None or bool(torch.isfinite(gram.sum()))):
         return p, gram

@@ -152,16 +152,17 @@ def _block_means_cpu(blocks: Tensor) -> Tensor:
     return (sums / blocks.shape[1]).to(torch.float32)
 
 
-@torch.library.custom_op("commlmo::block_abs_means", mutates_args=())
-def _block_means_op(blocks: Tensor) -> Tensor:
-    """``||x_b||_1 / d_b`` (float32) for each row ``x_b`` of a 2-D tensor, summed without overflow.
-
-    Other devices than the CPU accumulate in float64 (one read, no host check);
-    sums of the same numbers in another order agree to float64 rounding, not bit
-    for bit, with the CPU's.
-    """
+def _block_means_device(blocks: Tensor) -> Tensor:
+    """``commlmo::block_abs_means`` on any device: float64 sums (one read, no host check), which
+    agree with the CPU's to rounding -- sums taken in another order are not bit-identical."""
     sums = torch.linalg.vector_norm(blocks, 1, dim=1, dtype=torch.float64)
     return (sums / blocks.shape[1]).to(torch.float32)
+
+
+@torch.library.custom_op("commlmo::block_abs_means", mutates_args=())
+def _block_means_op(blocks: Tensor) -> Tensor:
+    """``||x_b||_1 / d_b`` (float32) for each row ``x_b`` of a 2-D tensor, summed without overflow."""
+    return _block_means_device(blocks)
 
 
 _block_means_op.register_kernel("cpu")(_block_means_cpu)

@@ -138,7 +138,7 @@ class TopK(LayoutCompressor):
         n, k = flat.numel(), resolve_k(self.config.k, flat.numel())
         idx, values = self._select(flat, k)
         values = values.to(self._value_dtype(x.dtype))
-        if (self.config.value_dtype != "same" and not torch.compiler.is_compiling()
+        if (self.config.value_dtype != "same" and _native.readable(values)
                 and not bool(torch.isfinite(values).all())):
             raise ValueError(
                 f"topk compressor: kept values overflow value_dtype={self.config.value_dtype!r} "
@@ -201,7 +201,7 @@ def _sample_indices(n: int, device: torch.device) -> Tensor:
 def _threshold_topk(flat: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The exact top-k by magnitude (``commlmo::topk_abs``), indices ascending, ties to the lowest index."""
     idx, values, bad = _native.call(torch.ops.commlmo.topk_abs.default, _topk_cpu, flat, k)
-    if not torch.compiler.is_compiling() and not inputs_known_finite() and bad.item():
+    if _native.readable(bad) and not inputs_known_finite() and bad.item():
         raise NonFiniteInputError(f"topk compressor: input has {bad.item()} NaN or Inf entries")
     return idx, values
 
