@@ -10,13 +10,14 @@ the vote never unpacks a single bit (7-10x faster than unpack-count-repack on a
 The vote is the custom op ``commlmo::vote_words``: on plain contiguous CPU
 int64 words a C kernel keeps the planes of 64 words in registers and cache (one
 read of the rows, see :mod:`commlmo_compressors._native`); elsewhere (CUDA, no
-compiler) the same bitwise ops run in torch.  Both give the same bits.
+compiler) the same bitwise ops run in torch, or on CUDA a fused Triton kernel
+(:mod:`commlmo_compressors._triton`, opt-in).  All give the same bits.
 """
 
 from __future__ import annotations
 
 import torch
-from commlmo_compressors import _native
+from commlmo_compressors import _native, _triton
 from torch import Tensor
 
 __all__ = ["vote_words", "unpack_bits"]
@@ -78,6 +79,14 @@ def _vote_cpu(rows: Tensor, tie_bits: Tensor | None, want_ties: bool) -> tuple[T
     return out, ties
 
 
+def _vote_device(rows: Tensor, tie_bits: Tensor | None, want_ties: bool) -> tuple[Tensor, Tensor]:
+    """``commlmo::vote_words`` off the CPU: the fused Triton kernel where enabled, else torch."""
+    if rows.dtype == torch.int64 and _triton.enabled(rows):
+        _need_tie_bits(rows.shape[0], tie_bits, want_ties)
+        return _triton.vote_words(rows, tie_bits, want_ties)
+    return _vote_torch(rows, tie_bits, want_ties)
+
+
 @torch.library.custom_op("commlmo::vote_words", mutates_args=())
 def _vote_op(rows: Tensor, tie_bits: Tensor | None, want_ties: bool) -> tuple[Tensor, Tensor]:
     """Per bit of ``M`` rows of words, 1 where more than ``M/2`` rows have a 1.
@@ -86,7 +95,7 @@ def _vote_op(rows: Tensor, tie_bits: Tensor | None, want_ties: bool) -> tuple[Te
     output is the tie mask; otherwise they come from ``tie_bits``.  The second
     output is empty unless a tie mask was asked for and ``M`` is even.
     """
-    return _vote_torch(rows, tie_bits, want_ties)
+    return _vote_device(rows, tie_bits, want_ties)
 
 
 _vote_op.register_kernel("cpu")(_vote_cpu)
