@@ -14,6 +14,8 @@ vote over ``owner``            ``2(M-1)/M`` of the packed bits padded to whole 6
                                shard (plus the tie mask back under ``ties: abstain``, even M)
 vote over ``int8``             ``2(M-1)/M`` bytes per coordinate
 vote over ``allgather``        ``(M-1)`` times the packed bits in whole 64-bit words
+error_feedback ``compressed``  rank r: the payloads of the parameters it does not own, plus
+                               ``M-1`` times those it owns (compressed again, the same size)
 owner server role              rank r: the payloads of the parameters it does not own, plus
                                ``M-1`` times the downlink messages of those it owns
 =============================  ==============================================================
@@ -121,6 +123,14 @@ def step_bytes(opt: Any, *, step: int | None = None, world_size: int | None = No
             mine = [owners[rt.position(p)] == me for p in params]
             sent = sum(rt.codec(p).wire_nbytes(p.shape, p.dtype) for p, own in zip(params, mine) if not own)
             sent += (m - 1) * sum(_down_nbytes(rt, p) for p, own in zip(params, mine) if own)
+            calls = 2
+        elif transport == "compressed":  # 1-bit Adam's two-stage all-reduce: to each owner, and back
+            from .owner import owners_by_size
+
+            sizes = [rt.codec(p).wire_nbytes(p.shape, p.dtype) for p in params]
+            owners = owners_by_size(sizes, m)
+            sent = sum(sz for sz, o in zip(sizes, owners) if o != me) + (m - 1) * sum(
+                sz for sz, o in zip(sizes, owners) if o == me)
             calls = 2
         elif rt.aggregator.kind == "majority_vote":
             packed = sum(rt.codec(p).wire_nbytes(p.shape, p.dtype) for p in params)

@@ -746,10 +746,10 @@ class CommOptimizer(torch.optim.Optimizer):
         if self.config.nonfinite == "skip" or agreed & _SCALER_INF:
             self.skipped_steps += 1
             return loss
+        what = "nothing was sent and no state changed" if not sent else \
+            "no parameter or state changed (its buckets were already sent: overlap)"
         raise NonFiniteGradientError(
-            f"a gradient on some rank contains NaN or Inf; {'nothing was sent and ' if not sent else ''}"
-            "no parameter or state changed (set nonfinite: skip to skip such steps)"
-        )
+            f"a gradient on some rank contains NaN or Inf; {what} (set nonfinite: skip to skip such steps)")
 
     def _overlapped(self, entries: list[tuple[str, Tensor]],
                     ov: Overlap) -> tuple[list[BucketStep], list[Tensor]] | None:

@@ -45,7 +45,8 @@ if TYPE_CHECKING:
     from .comm import Communicator
     from .pipeline import BucketStep, GroupRuntime
 
-__all__ = ["owner_problem", "assign_owners", "choose_server", "uplink_steps", "finish_owned", "owner_bytes"]
+__all__ = ["owner_problem", "assign_owners", "owners_by_size", "choose_server", "send_to_owners",
+           "share_from_owners", "uplink_steps", "finish_owned", "owner_bytes"]
 
 
 def owner_problem(rt: GroupRuntime) -> str | None:
@@ -121,34 +122,67 @@ def choose_server(rt: GroupRuntime, params: Sequence[Tensor], world_size: int) -
 # --------------------------------------------------------------------------- the step
 
 
-def uplink_steps(rt: GroupRuntime, b: BucketStep, comm: Communicator):
-    """Stage 3's exchange under the owner role: each payload to its parameter's owner (all-to-all-v).
+def owners_by_size(sizes: Sequence[int], world_size: int) -> list[int]:
+    """Owner rank of each of ``sizes`` bytes of payload: largest first to the least-loaded rank."""
+    load = [0] * world_size
+    owners = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        r = min(range(world_size), key=lambda r: (load[r], r))
+        owners[i], load[r] = r, load[r] + sizes[i]
+    return owners
 
-    Returns, for each bucket position this rank owns, the ``M`` payloads in rank order.
+
+def send_to_owners(payloads: Sequence[Payload], owners: Sequence[int], comm: Communicator, *, label: str):
+    """Each payload to its owner (all-to-all-v; steps, see :mod:`commlmo.transport`).
+
+    Returns ``{j: [payload of rank 0, ..., rank M-1]}`` for each position ``j`` this rank owns.
     """
     m, me = comm.world_size, comm.rank
-    owners = [rt.owners[i] for i in b.positions]
-    sizes = [p.nbytes for p in b.payloads]
-    chunks: list[list[Tensor]] = [[] for _ in range(m)]
-    for p, o in zip(b.payloads, owners):
-        chunks[o].extend(as_bytes(w) for w in p.wire)
+    sizes = [p.nbytes for p in payloads]
     send = [sum(sz for sz, o in zip(sizes, owners) if o == r) for r in range(m)]
     mine = [j for j, o in enumerate(owners) if o == me]
     recv = [sum(sizes[j] for j in mine)] * m
-    device = b.params[0].device
-    flat = torch.cat([c for chunk in chunks for c in chunk]) if any(chunks) else torch.zeros(0, dtype=torch.uint8,
-                                                                                             device=device)
-    pending = comm.all_to_all_v(flat, send, recv, label=f"{rt.config.name}/owner/uplink", async_op=True)
+    pieces = [as_bytes(w) for r in range(m) for p, o in zip(payloads, owners) if o == r for w in p.wire]
+    device = payloads[0].wire[0].device if payloads else torch.device("cpu")
+    flat = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.uint8, device=device)
+    pending = comm.all_to_all_v(flat, send, recv, label=label, async_op=True)
     yield
     rows = pending.wait()
-    own_payloads = [b.payloads[j] for j in mine]
-    received = [cut(rows[r], own_payloads) if r != me else own_payloads for r in range(m)]
+    own = [payloads[j] for j in mine]
+    received = [cut(rows[r], own) if r != me else own for r in range(m)]
     return {j: [received[r][k] for r in range(m)] for k, j in enumerate(mine)}
+
+
+def share_from_owners(outgoing: dict[int, Payload], like: Sequence[Payload], owners: Sequence[int],
+                      comm: Communicator, *, label: str) -> list[Payload]:
+    """Every owner's payloads to every rank (an all-gather-v): the payload of every position, shaped like
+    ``like`` (this rank's own for the positions it owns)."""
+    m, me = comm.world_size, comm.rank
+    per_owner = [sum(like[j].nbytes for j, o in enumerate(owners) if o == r) for r in range(m)]
+    pieces = [as_bytes(w) for j in sorted(outgoing) for w in outgoing[j].wire]
+    device = like[0].wire[0].device if like else torch.device("cpu")
+    flat = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.uint8, device=device)
+    received = comm.all_to_all_v(flat.repeat(m), [per_owner[me]] * m, per_owner, label=label)
+    cursor = [0] * m
+    out = []
+    for j, o in enumerate(owners):
+        if o == me:
+            out.append(outgoing[j])
+            continue
+        wires, cursor[o] = _cut(received[o], cursor[o], like[j].wire)
+        out.append(Payload(wires, like[j].ctx))
+    return out
+
+
+def uplink_steps(rt: GroupRuntime, b: BucketStep, comm: Communicator):
+    """Stage 3's exchange under the owner role: each payload to its parameter's owner (all-to-all-v)."""
+    owners = [rt.owners[i] for i in b.positions]
+    return (yield from send_to_owners(b.payloads, owners, comm, label=f"{rt.config.name}/owner/uplink"))
 
 
 def finish_owned(rt: GroupRuntime, b: BucketStep, rows: dict[int, list[Payload]], comm: Communicator) -> None:
     """Stages 3-5 under the owner role, once :func:`uplink_steps` delivered this rank's payloads."""
-    m, me, label = comm.world_size, comm.rank, rt.config.name
+    m = comm.world_size
     agg, lr, wd = rt.aggregator, b.group["lr"], b.group["weight_decay"]
     owners = [rt.owners[i] for i in b.positions]
     mine = sorted(rows)
@@ -167,31 +201,25 @@ def finish_owned(rt: GroupRuntime, b: BucketStep, rows: dict[int, list[Payload]]
 
     # 5. downlink: the owner compresses (EF21-P: moves its exact model first); everyone applies
     down = rt.generators.at(b.step, "downlink", b.positions)
-    outgoing: list[Tensor] = []
+    dual_norm = rt.lr_rule.needs_dual_norm  # Gluon's radius reads it: it travels with the step
+    outgoing: dict[int, Payload] = {}
     for j, d, dual in zip(mine, directions, duals):
-        p, name = b.params[j], b.names[j]
-        codec = rt.codec(p, rt.downlink)
-        payload = codec.downlink_payload(p, b.states[j], d, lr=lr, wd=wd, scale=rt.lr_scale(p, name, dual),
-                                         generator=down.param(j))
-        outgoing.extend(as_bytes(w) for w in payload.wire)
-        if rt.lr_rule.needs_dual_norm:
-            outgoing.append(as_bytes(torch.tensor([dual], dtype=torch.float64, device=p.device)))
-    sizes = [_down_nbytes(rt, p) for p in b.params]
-    per_owner = [sum(sz for sz, o in zip(sizes, owners) if o == r) for r in range(m)]
-    flat = torch.cat(outgoing) if outgoing else torch.zeros(0, dtype=torch.uint8, device=b.params[0].device)
-    received = comm.all_to_all_v(flat.repeat(m), [per_owner[me]] * m, per_owner, label=f"{label}/owner/downlink")
-    cursor = [0] * m
-    for j, (p, s, name, o) in enumerate(zip(b.params, b.states, b.names, owners)):
-        codec = rt.codec(p, rt.downlink)
-        like = _layout(codec, p)
-        row = received[o]
-        wires, cursor[o] = _cut(row, cursor[o], like.wire)
-        dual = None
-        if rt.lr_rule.needs_dual_norm:
-            dual = float(row[cursor[o]:cursor[o] + 8].clone().view(torch.float64)[0])
-            cursor[o] += 8
-        codec.apply_downlink_payload_(p, s, Payload(wires, like.ctx), lr=lr, wd=wd,
-                                      scale=rt.lr_scale(p, name, dual), owner=o == me)
+        p = b.params[j]
+        payload = rt.codec(p, rt.downlink).downlink_payload(
+            p, b.states[j], d, lr=lr, wd=wd, scale=rt.lr_scale(p, b.names[j], dual), generator=down.param(j))
+        extra = (torch.tensor([dual], dtype=torch.float64, device=p.device),) if dual_norm else ()
+        outgoing[j] = Payload(payload.wire + extra, payload.ctx)
+    like = []
+    for p in b.params:
+        template = _layout(rt.codec(p, rt.downlink), p)
+        extra = (torch.empty(1, dtype=torch.float64, device=p.device),) if dual_norm else ()
+        like.append(Payload(template.wire + extra, template.ctx))
+    received = share_from_owners(outgoing, like, owners, comm, label=f"{rt.config.name}/owner/downlink")
+    for j, (p, s, name, o, payload) in enumerate(zip(b.params, b.states, b.names, owners, received)):
+        dual = float(payload.wire[-1][0]) if dual_norm else None
+        wires = payload.wire[:-1] if dual_norm else payload.wire
+        rt.codec(p, rt.downlink).apply_downlink_payload_(p, s, Payload(wires, payload.ctx), lr=lr, wd=wd,
+                                                         scale=rt.lr_scale(p, name, dual), owner=o == comm.rank)
 
 
 _LAYOUTS: dict[tuple, Payload] = {}

@@ -349,7 +349,7 @@ class GroupRuntime:
         else:
             steps = self.aggregator.exchange(b.payloads, codecs=b.codecs, comm=comm, transport=self.transport,
                                              generators=self.generators.at(b.step, "aggregate", b.positions),
-                                             label=label)
+                                             label=label, states=b.states)
             b.started = Started(steps) if steps is not None else None
         b.launched = True
 

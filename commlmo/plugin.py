@@ -485,15 +485,16 @@ class Aggregator(Plugin):
         from .transport import run
 
         steps = self.exchange(payloads, codecs=codecs, comm=comm, generators=generators, transport=transport,
-                              label=label)
+                              label=label, states=states)
         if steps is None:
             raise NotImplementedError(f"aggregator {self.kind!r} implements neither aggregate nor exchange")
         return self.combine(run(steps), payloads, messages, states, codecs=codecs)
 
     # -- split form: what lets the optimizer start the uplink inside backward() ----------
     def exchange(self, payloads: Sequence[Payload], *, codecs: Sequence[Compressor], comm: Any, generators: Any,
-                 transport: str, label: str) -> Any:
-        """Optional: every collective of :meth:`aggregate`, as a generator that changes no state.
+                 transport: str, label: str, states: Sequence[dict[str, Tensor]] | None = None) -> Any:
+        """Optional: every collective of :meth:`aggregate`, as a generator that changes no state (it may read
+        ``states``).
 
         It issues its first collectives with ``async_op=True``, yields once, then waits
         and finishes (see :mod:`commlmo.transport`); its return value goes to

@@ -17,7 +17,9 @@ tree, :mod:`commlmo.routing`), running one of these *element-wise* recipes:
 ``lion``        Distributed Lion (Liu et al. 2024): each worker's Lion update is a
                 sign, majority vote over the owner transport; 1 bit each way
 ``onebit_adam`` 1-bit Adam (Tang et al. 2021): float32 Adam for a warm-up, then
-                frozen variance and an error-compensated scaled-sign momentum
+                frozen variance and an error-compensated scaled-sign momentum,
+                compressed again by each parameter's owner (their two-stage
+                all-reduce); 1 bit each way
 ``signum``      Signum with majority vote (Bernstein et al. 2018, 2019); 1 bit each way
 ``scion``       Scion's layer-wise LMOs (Pethick et al. 2025): rownorm for an
                 embedding (each token's vector), sign for the head, bias_rms for
@@ -124,7 +126,8 @@ ELEMENTWISE: dict[str, dict[str, dict[str, Any]]] = {
     "adamw": {role: ADAMW for role in ("embedding", "head", "vector")},
     "lion": {role: _rule_group({"kind": "lion"}, SIGN, VOTE, 1e-3) for role in ("embedding", "head", "vector")},
     "onebit_adam": {role: _rule_group({"kind": "onebit_adam", "warmup": 100}, SCALED_SIGN,
-                                      {"kind": "error_feedback"}, 1e-3) for role in ("embedding", "head", "vector")},
+                                      {"kind": "error_feedback", "server_compression": True}, 1e-3)
+                    for role in ("embedding", "head", "vector")},
     "signum": {role: _signum(1e-3) for role in ("embedding", "head", "vector")},
     "scion": {"embedding": _scion({"kind": "rownorm"}, 0.01), "head": _scion({"kind": "sign", "zero": "positive"}, 1e-3),
               "vector": _scion({"kind": "bias_rms"}, 1e-3)},

@@ -78,12 +78,14 @@ def test_lion_rule_matches_a_ten_line_lion(aggregator):
     assert opt.routing() == {"all": ["a", "b", "c"]}
 
 
-def onebit_adam_reference(gs, workers, lr, b1, b2, eps, warmup):
-    """Tang et al. 2021 as published: warm-up Adam (no bias correction), then 1-bit momentum with error feedback."""
+def onebit_adam_reference(gs, workers, lr, b1, b2, eps, warmup, server=False):
+    """Tang et al. 2021 as published: warm-up Adam (no bias correction), then 1-bit momentum with error feedback
+    on the workers and (``server``) on the server's compressed mean too (their Algorithm 1, DeepSpeed)."""
     ps = [p.detach().clone() for p in params()]
     m = [torch.zeros_like(p) for p in ps]
     v = [torch.zeros_like(p) for p in ps]
     err = [[torch.zeros_like(p) for p in ps] for _ in range(workers)]
+    server_err = [torch.zeros_like(p) for p in ps]
     for t, step in enumerate(gs):
         for j, p in enumerate(ps):
             if t < warmup:
@@ -98,15 +100,21 @@ def onebit_adam_reference(gs, workers, lr, b1, b2, eps, warmup):
                     err[i][j] = x - c
                     sent.append(c)
                 m[j] = sum(sent) / workers
+                if server:
+                    x = m[j] + server_err[j]
+                    m[j] = x.abs().mean() * torch.sign(x)
+                    server_err[j] = x - m[j]
             p -= lr * m[j] / (v[j].sqrt() + eps)
     return ps
 
 
+@pytest.mark.parametrize("server", [False, True])
 @pytest.mark.parametrize("workers", [1, 3])
-def test_onebit_adam_matches_the_published_algorithm(workers):
+def test_onebit_adam_matches_the_published_algorithm(workers, server):
     gs = grads(2, workers)
     cfg = one_group({"kind": "onebit_adam", "betas": [0.9, 0.999], "eps": 1e-8, "warmup": 3}, lr=1e-2,
-                    uplink={"kind": "sign", "scale": "mean"}, aggregator={"kind": "error_feedback"})
+                    uplink={"kind": "sign", "scale": "mean"},
+                    aggregator={"kind": "error_feedback", "server_compression": server})
     if workers == 1:
         ours, _ = run(cfg, gs)
     else:
@@ -114,7 +122,7 @@ def test_onebit_adam_matches_the_published_algorithm(workers):
         for r in results[1:]:
             assert all(torch.equal(a, b) for a, b in zip(r, results[0]))
         ours = results[0]
-    ref = onebit_adam_reference(gs, workers, 1e-2, 0.9, 0.999, 1e-8, 3)
+    ref = onebit_adam_reference(gs, workers, 1e-2, 0.9, 0.999, 1e-8, 3, server)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

@@ -73,7 +73,7 @@ class MajorityVote(Aggregator):
                                    "transports; use one of those, or ties: random")
         return t
 
-    def exchange(self, payloads: Sequence[Payload], *, codecs, comm, generators, transport, label):
+    def exchange(self, payloads: Sequence[Payload], *, codecs, comm, generators, transport, label, states=None):
         uplink = codecs[0]
         if any(len(p.wire) != 1 or p.wire[0].dtype != torch.uint8 for p in payloads):
             raise TypeError(f"majority vote needs one packed uint8 wire tensor per message; {uplink.kind!r} sent otherwise")

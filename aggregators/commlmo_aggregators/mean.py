@@ -77,7 +77,7 @@ class MeanTransported(Aggregator):
         return pick_mean_transport(self.config.transport, uplink.capabilities, uplink_kind=uplink.kind,
                                    world_size=world_size, payload_bytes=payload_bytes)
 
-    def exchange(self, payloads, *, codecs, comm, generators, transport, label):
+    def exchange(self, payloads, *, codecs, comm, generators, transport, label, states=None):
         return mean_steps(payloads, codecs, comm, transport=transport, label=f"{label}/{self.label_suffix}")  # type: ignore[arg-type]
 
     def reduce_owned(self, rows, codec, *, generator, world_size) -> Tensor:
