@@ -2,13 +2,16 @@
 
     python bench/compressors.py            # prints a markdown table, writes docs/benchmarks/compressors.md
     python bench/compressors.py --quick    # fewer repetitions, no file
+    python bench/compressors.py --device cuda --out runs/gpu/compressors.md   # on a GPU (bench/gpu.sh)
 
 Input: 16 M float32 entries (a 4096 x 4096 matrix), torch's default thread
 count.  Floors: ``read`` = ``x.sum()`` (one pass over the input) and ``axpy``
 = ``y.add_(x, alpha=a)`` (the parameter update a decoded message would cost).
 Each op and its floor are timed alternately and the minimum over the
 repetitions is kept (the least-disturbed run; other processes only add time),
-so the ratio is robust to a busy machine.  Targets are those of issue 3.
+so the ratio is robust to a busy machine.  Targets are those of issue 3 (for the CPU).
+On CUDA every call is followed by a synchronisation, so a figure is the op's
+whole time on the device; ``COMMLMO_TRITON=1`` times the fused Triton kernels.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from commlmo_compressors import _native
+from commlmo_aggregators.vote import vote_words
+from commlmo_compressors import _native, _triton
 
 from commlmo.registry import build_plugin
 
@@ -32,14 +36,22 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "benchmarks" / "compressors.md"
 
 
-def _min_ms(fn: Callable[[], object], floor: Callable[[], object], reps: int) -> tuple[float, float]:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _min_ms(fn: Callable[[], object], floor: Callable[[], object], reps: int,
+            device: torch.device = torch.device("cpu")) -> tuple[float, float]:
     """Minimum wall time (ms) of ``fn`` and of ``floor``, timed alternately."""
     fn(), floor()
     best, best_floor = float("inf"), float("inf")
     for _ in range(reps):
         for f, is_floor in ((fn, False), (floor, True)):
+            _sync(device)
             start = time.perf_counter()
             f()
+            _sync(device)
             ms = (time.perf_counter() - start) * 1e3
             if is_floor:
                 best_floor = min(best_floor, ms)
@@ -48,28 +60,33 @@ def _min_ms(fn: Callable[[], object], floor: Callable[[], object], reps: int) ->
     return best, best_floor
 
 
-def _machine() -> str:
+def _machine(device: torch.device) -> str:
     try:
         model = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                      if ln.startswith("model name"))
     except (OSError, StopIteration):
         model = platform.processor() or platform.machine()
-    return (f"{model}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with "
+    text = (f"{model}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with "
             f"{torch.get_num_threads()} threads, Python {platform.python_version()}, "
             f"C kernels {'on' if _native.kernels() is not None else 'off (eager torch)'}")
+    if device.type == "cuda":
+        triton = "on" if _triton.enabled(torch.empty(0, device=device)) else "off (torch ops)"
+        text += f"; device {torch.cuda.get_device_name(device)}, Triton kernels {triton}"
+    return text
 
 
-def run(reps: int) -> tuple[list[tuple], list[str]]:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(N_SIDE, N_SIDE, generator=gen)
-    y = torch.randn(N_SIDE, N_SIDE, generator=gen)
+def run(reps: int, device: torch.device = torch.device("cpu"), side: int = N_SIDE) -> tuple[list[tuple], list[str]]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(side, side, generator=gen, device=device)
+    y = torch.randn(side, side, generator=gen, device=device)
     read = lambda: x.sum()
     axpy = lambda: y.add_(x, alpha=1e-3)
     rows, notes = [], []
 
     def add(op: str, fn: Callable[[], object], floor_name: str, target: float | None, reps: int = reps):
         floor = read if floor_name == "read" else axpy
-        ms, floor_ms = _min_ms(fn, floor, reps)
+        ms, floor_ms = _min_ms(fn, floor, reps, device)
+        target = target if device.type == "cpu" else None  # the targets are the CPU's
         ratio = ms / floor_ms
         verdict = "" if target is None else ("pass" if ratio <= target else "**fail**")
         rows.append((op, ms, f"{floor_name} {floor_ms:.2f} ms", ratio, target, verdict))
@@ -83,11 +100,15 @@ def run(reps: int) -> tuple[list[tuple], list[str]]:
     add("sign decompress_add_ (fused)", lambda: sign.decompress_add_(y, payload, alpha=1e-3), "axpy", 1.5)
     add("sign decompress + add_ (unfused, for reference)",
         lambda: y.add_(sign.decompress(payload), alpha=1e-3), "axpy", None, reps=max(2, reps // 3))
+    votes = torch.stack([sign.compress(torch.randn(side, side, generator=gen, device=device), generator=gen).wire[0]
+                         for _ in range(4)]).view(torch.int64)
+    tie = torch.zeros(votes.shape[1], dtype=torch.int64, device=device)
+    add("majority vote of 4 packed messages (bit-sliced)", lambda: vote_words(votes, tie_bits=tie), "read", None)
 
     topk = build_plugin("compressor", {"kind": "topk", "k": 0.01})
     add("topk k=1% (threshold selection)", lambda: topk.compress(x), "read", 10.0)
     add("topk k=1%, global torch.topk (reference)", lambda: x.abs().view(-1).topk(x.numel() // 100), "read",
-        None, reps=2)
+        None, reps=2 if device.type == "cpu" else reps)
     exact = set(x.abs().view(-1).topk(x.numel() // 100).indices.tolist())
     mine = set(topk.compress(x).wire[1].long().tolist())
     notes.append(f"threshold top-k (k = 1 %) keeps {len(mine & exact) / len(exact):.2%} of torch.topk's set "
@@ -101,7 +122,7 @@ def run(reps: int) -> tuple[list[tuple], list[str]]:
 
     for rank in (4, 8):
         rankk = build_plugin("compressor", {"kind": "rankk", "rank": rank})
-        add(f"rankk power iteration, rank {rank}, 4096x4096", lambda c=rankk: c.compress(x, generator=gen),
+        add(f"rankk power iteration, rank {rank}, {side}x{side}", lambda c=rankk: c.compress(x, generator=gen),
             "read", 3.0 if rank == 4 else None)
 
     natural = build_plugin("compressor", "natural")
@@ -128,22 +149,47 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="3 repetitions, print only")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
+    parser.add_argument("--side", type=int, default=N_SIDE, help="the input is side x side float32 (default 4096)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="markdown report path (default: docs/benchmarks/compressors.md for the default CPU run)")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device (torch.cuda.is_available() is False)")
     reps = 3 if args.quick else args.reps
-    machine = _machine()
+    machine = _machine(device)
     print(f"# {machine}", file=sys.stderr)
-    rows, notes = run(reps)
+    rows, notes = run(reps, device, args.side)
     md = table(rows)
     print(md)
     for note in notes:
         print(f"- {note}")
-    if args.quick:
+    out = args.out or (OUT if device.type == "cpu" and args.side == N_SIDE and not args.quick else None)
+    if out is None:
         return
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(_REPORT.format(stamp=stamp, machine=machine, table=md, reps=reps,
-                                  notes="\n".join(f"- {n}" for n in notes)))
-    print(f"wrote {OUT.relative_to(ROOT)}", file=sys.stderr)
+    report = _REPORT if out == OUT else _SHORT_REPORT
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report.format(stamp=stamp, machine=machine, table=md, reps=reps, side=args.side,
+                                 numel=args.side * args.side, device=device,
+                                 notes="\n".join(f"- {n}" for n in notes)))
+    print(f"wrote {out}", file=sys.stderr)
+
+
+_SHORT_REPORT = """## Compressors on {device}
+
+Generated by `python bench/compressors.py --device {device} --side {side}` on {stamp}.
+
+Machine: {machine}.
+
+{numel} float32 entries ({side} x {side}); minimum of {reps} repetitions, each op timed
+alternately with its floor (`read` = `x.sum()`, `axpy` = `y.add_(x, alpha=a)`).
+
+{table}
+
+{notes}
+"""
 
 
 _REPORT = """# Compressor benchmark

@@ -1,6 +1,7 @@
 """Spectral LMO: speed against torch.optim.Muon's Newton--Schulz, and accuracy of the methods.
 
     python bench/lmo.py            # prints the tables and writes docs/benchmarks/lmo.md
+    python bench/lmo.py --device cuda --out runs/gpu/lmo.md     # on a GPU (bench/gpu.sh)
 
 Speed: our ``spectral`` LMO (``jordan``; bfloat16 and float32 working dtypes) and
 ``torch.optim._muon._zeropower_via_newtonschulz`` on the same float32 matrices,
@@ -14,6 +15,7 @@ runs on a shared machine; the interleaved ratio is the number to compare.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -27,7 +29,9 @@ from commlmo.registry import build_plugin
 
 SHAPES = [(256, 256), (1024, 1024), (1024, 4096), (4096, 1024)]
 BATCHES = [(8, 512, 512), (32, 128, 128)]
+ACCURACY_SIDES = (256, 512)
 OUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "lmo.md"
+DEVICE = torch.device("cpu")  # --device; every input is made there, and CUDA work is synchronised before timing
 
 
 def _spectral(**fields):
@@ -40,14 +44,17 @@ def _torch_ns(g: torch.Tensor) -> torch.Tensor:
 
 def _interleaved_medians(fns: dict[str, Callable[[], object]], *, min_reps: int = 9, min_seconds: float = 2.0):
     """Median seconds per call of each function, calling them in turn so load drifts hit all alike."""
+    sync = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
     for fn in fns.values():  # warmup: oneDNN builds its kernels on the first call per shape
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
     while len(times[next(iter(fns))]) < min_reps or time.perf_counter() - start < min_seconds:
         for name, fn in fns.items():
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
@@ -59,7 +66,7 @@ def speed_table() -> list[str]:
     ]
     bf16, fp32 = _spectral(dtype="bfloat16"), _spectral(dtype="float32")
     for m, n in SHAPES:
-        g = torch.randn(m, n)
+        g = torch.randn(m, n, device=DEVICE)
         t = _interleaved_medians({
             "torch": lambda: _torch_ns(g), "bf16": lambda: bf16.direction(g), "fp32": lambda: fp32.direction(g),
         })
@@ -67,7 +74,7 @@ def speed_table() -> list[str]:
                     f"{t['bf16'] / t['torch']:.3f} | {t['fp32'] * 1e3:.1f} |")
     unbatched = _spectral(batch=False)
     for batch in BATCHES:
-        gs = list(torch.randn(batch))
+        gs = list(torch.randn(batch, device=DEVICE))
         t = _interleaved_medians({
             "torch": lambda: [_torch_ns(g) for g in gs],
             "batched": lambda: bf16.directions(gs),
@@ -82,9 +89,9 @@ def speed_table() -> list[str]:
 
 def _decaying(m: int, n: int) -> torch.Tensor:
     """A gradient-like matrix: random singular vectors, singular values 1/i."""
-    u, _ = torch.linalg.qr(torch.randn(m, min(m, n), dtype=torch.float64))
-    v, _ = torch.linalg.qr(torch.randn(n, min(m, n), dtype=torch.float64))
-    s = 1.0 / torch.arange(1, min(m, n) + 1, dtype=torch.float64)
+    u, _ = torch.linalg.qr(torch.randn(m, min(m, n), dtype=torch.float64, device=DEVICE))
+    v, _ = torch.linalg.qr(torch.randn(n, min(m, n), dtype=torch.float64, device=DEVICE))
+    s = 1.0 / torch.arange(1, min(m, n) + 1, dtype=torch.float64, device=DEVICE)
     return ((u * s) @ v.T).float()
 
 
@@ -93,10 +100,11 @@ def accuracy_table() -> list[str]:
         "| input | method | working dtype | rel. Frobenius error to U V^T | singular values | ms |",
         "|---|---|---|---:|---|---:|",
     ]
+    a, b = ACCURACY_SIDES
     inputs = {
-        "gaussian 512x512": torch.randn(512, 512),
-        "gaussian 256x1024": torch.randn(256, 1024),
-        "1/i spectrum 512x512": _decaying(512, 512),
+        f"gaussian {b}x{b}": torch.randn(b, b, device=DEVICE),
+        f"gaussian {a}x{2 * b}": torch.randn(a, 2 * b, device=DEVICE),
+        f"1/i spectrum {b}x{b}": _decaying(b, b),
     }
     methods = [("jordan", "bfloat16"), ("jordan", "float32"), ("polar_express", "bfloat16"),
                ("polar_express", "float32"), ("svd", "float32")]
@@ -114,10 +122,22 @@ def accuracy_table() -> list[str]:
 
 
 def _machine() -> str:
-    return f"{describe_machine()}, {torch.get_num_threads()} threads"
+    text = f"{describe_machine()}, {torch.get_num_threads()} threads"
+    return text + (f"; device {torch.cuda.get_device_name(DEVICE)}" if DEVICE.type == "cuda" else "")
 
 
 def main() -> None:
+    global DEVICE, SHAPES, BATCHES, ACCURACY_SIDES
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
+    parser.add_argument("--out", type=Path, default=OUT, help=f"markdown report (default {OUT})")
+    parser.add_argument("--small", action="store_true", help="small shapes only (a dry run)")
+    args = parser.parse_args()
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device (torch.cuda.is_available() is False)")
+    if args.small:
+        SHAPES, BATCHES, ACCURACY_SIDES = [(64, 64), (64, 128)], [(4, 32, 32)], (32, 64)
     torch.manual_seed(0)
     started = time.perf_counter()
     speed, accuracy = speed_table(), accuracy_table()
@@ -133,9 +153,9 @@ def main() -> None:
     ]
     text = "\n".join(header + speed + ["", "## Accuracy (5 steps)", ""] + accuracy) + "\n"
     print(text)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(text, encoding="utf-8")
-    print(f"wrote {OUT}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text, encoding="utf-8")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
