@@ -1,4 +1,4 @@
-r"""Bytes and step time per rank as the world grows: M = 2..16 real gloo ranks, projected to M = 1024.
+r"""Bytes and server time per rank as the world grows: M = 2..16 real gloo ranks, projected to M = 1024.
 
     python bench/scale.py                 # M = 2 4 8 16; writes docs/benchmarks/scale.md and docs/img/scale_bytes.png
     python bench/scale.py --world 2 4 --project 64 1024 --out /tmp/scale.md
@@ -8,23 +8,27 @@ The model is four 256x256 matrices (the ``hidden`` group) and a 512x64
 runs: its method on the matrices and its element-wise recipe on the embedding.
 1-bit Adam's float32 warm-up (in the EF21 presets' recipe) is cut to one step,
 so after one warm-up step the measured step is every preset's steady state.
-Every rank takes that one measured step of every preset; bytes are what the
-optimizer handed to the collectives (``opt.bytes.step``), per rank, and the
-time is the whole ``opt.step()``.  The baseline is a float32 all-reduce of every
-parameter (what DDP sends): ``2(M-1)/M * 4 * parameters`` bytes per rank.
 
-The projection uses the cost model, :func:`commlmo.transport.bytes_per_rank`, on
-each group's declared wire sizes with the transports' padding, the transport
-re-planned for each ``M`` (``GroupRuntime.plan``); the script checks that it gives
-exactly the measured bytes at every measured ``M`` (and exits 1 if not).
-Projected time is ``compute + bytes / bandwidth + latency * collectives``, with
-compute the step time measured at the smallest ``M``.
+Every preset runs with its server role as ``server: auto`` picks it, and every
+preset with a server step runs twice more, forced ``replicated`` and ``owner``:
+bytes are what the optimizer handed to the collectives (``opt.bytes.step``) on
+every rank (mean and largest over the ranks), the baseline a float32 all-reduce
+of every parameter (what DDP sends, ``2(M-1)/M * 4 * parameters`` bytes per
+rank), and the *server time* the seconds each rank spends in the server stage
+(:meth:`commlmo.pipeline.GroupRuntime.server_step`: the LMO after aggregation).
+
+The projection uses the cost model, :func:`commlmo.cost.step_bytes`, on the
+declared wire sizes with the server role, owners and transports re-planned for
+each ``M``; the script checks that it gives exactly the measured bytes of every
+rank at every measured ``M`` (and exits 1 if not).  Projected time is
+``worker compute + server compute + bytes / bandwidth + latency * collectives``,
+the compute terms measured at the smallest ``M`` (the owner role's server compute
+being the largest share any rank owns).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
@@ -37,8 +41,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import commlmo  # noqa: E402
 from _machine import describe_machine, provenance, timed_steps  # noqa: E402
-from commlmo.metrics import human_bytes  # noqa: E402
+from commlmo.cost import every_rank, server_role  # noqa: E402
 from commlmo.launch import spawn  # noqa: E402
+from commlmo.metrics import human_bytes  # noqa: E402
+from commlmo.owner import _cost  # noqa: E402
+from commlmo.pipeline import GroupRuntime  # noqa: E402
 from commlmo.transport import bytes_per_rank  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +74,48 @@ def steady_state(source) -> commlmo.OptimizerConfig:
     return commlmo.load_config(source).with_rule_options("onebit_adam", warmup=1)
 
 
+#: EF21-Muon with the paper's bidirectional compression: an EF21-P top-5 % downlink
+BIDIRECTIONAL = {"preset": "ef21muon", "groups": {"hidden": {"downlink": {
+    "kind": "ef21p", "compressor": {"kind": "topk", "k": 0.05, "selection": "blocked", "blocks": "auto",
+                                    "value_dtype": "bfloat16"}}}}}
+
+
+def configs_of(presets) -> dict[str, dict]:
+    """Every preset as ``auto`` picks its server role, and the presets with a server step forced either way."""
+    out: dict[str, dict] = {name: {"preset": name} for name in presets}
+    for name in presets:
+        if name in SERVER:
+            for role in ("replicated", "owner"):
+                out[f"{name}/{role}"] = {"preset": name, "groups": {"hidden": {"server": role}}}
+    if "ef21muon" in presets:
+        out["ef21muon+ef21p-topk"] = BIDIRECTIONAL
+    return out
+
+
+# presets whose hidden group can run the owner role (a server step to own)
+SERVER = [n for n in commlmo.PRESETS
+          if commlmo.load_config(n).groups[0].lmo_at == "server" or commlmo.load_config(n).groups[0].aggregator.kind == "ef21"]
+
+
 # ----------------------------------------------------------------------------- measured
+
+
+class _ServerClock:
+    """Seconds this process spends in ``GroupRuntime.server_step`` (the LMO after aggregation)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._inner = GroupRuntime.server_step
+        clock = self
+
+        def timed(rt, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return clock._inner(rt, *args, **kwargs)
+            finally:
+                clock.seconds += time.perf_counter() - t0
+
+        GroupRuntime.server_step = timed  # type: ignore[method-assign]
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -92,80 +140,43 @@ def worker(rank: int, world: int, configs: dict, dims: dict, steps: int) -> dict
     g = torch.Generator().manual_seed(rank + 1)
     grads = [torch.randn(p.shape, generator=g) * 0.01 for p in params]
     snapshot = [p.detach().clone() for p in params]
+    clock = _ServerClock()
     for name, cfg in configs.items():
         with torch.no_grad():
             for p, s in zip(params, snapshot):
                 p.copy_(s)
         opt = commlmo.build_optimizer(model, steady_state(cfg))
-        # a warm-up step (layout check, 1-bit Adam's float32 step), then the measured ones
-        elapsed = timed_steps(opt, params, grads, 1 + steps)
-        out[name] = {"book": {k: dict(v) for k, v in opt.bytes.step.items()}, "time": statistics.median(elapsed[1:]),
-                     "transports": {gr["group"]: rt.transport for rt, gr in zip(opt._runtimes, opt.param_groups)}}
+        timed_steps(opt, params, grads, 1)  # the warm-up step (layout check, 1-bit Adam's float32 step)
+        clock.seconds = 0.0
+        elapsed = timed_steps(opt, params, grads, steps)
+        out[name] = {"book": {k: dict(v) for k, v in opt.bytes.step.items()}, "time": statistics.median(elapsed),
+                     "server": clock.seconds / steps, "role": opt._runtimes[0].server}
         del opt
     return out
 
 
-# ----------------------------------------------------------------------------- the cost model
+# ----------------------------------------------------------------------------- the model
 
 
-def _mean_cost(transport: str, pieces: list[tuple[torch.dtype, int]], m: int) -> tuple[int, int]:
-    """(bytes, collectives) of a mean of wire tensors ``pieces`` = ``[(dtype, elements)]``."""
-    if transport == "allgather":  # one uint8 buffer of every wire tensor
-        return round(bytes_per_rank("allgather", payload_bytes=sum(d.itemsize * n for d, n in pieces),
-                                    dense_entries=0, world_size=m)), 1
-    by_dtype: dict[torch.dtype, int] = {}
-    for d, n in pieces:
-        by_dtype[d] = by_dtype.get(d, 0) + n
-    sent = 0
-    for d, n in by_dtype.items():
-        if transport == "owner":  # owner_sum pads each dtype to a multiple of M elements
-            n = -(-n // m) * m
-        sent += round(bytes_per_rank(transport, payload_bytes=n * d.itemsize, dense_entries=0, world_size=m))
-    return sent, len(by_dtype) * (2 if transport == "owner" else 1)
+def modelled(opt, m: int) -> list[dict[str, tuple[int, int]]]:
+    """Per rank, ``{label: (bytes, collectives)}`` of a steady-state step on ``m`` ranks (the cost model)."""
+    return every_rank(opt, step=1, world_size=m)
 
 
-def _vote_cost(transport: str, packed: int, entries: int, m: int, abstain: bool) -> tuple[int, int]:
-    """(bytes, collectives) of a majority vote of ``packed`` sign bytes over ``entries`` coordinates."""
-    if transport == "int8":
-        return round(bytes_per_rank("int8", payload_bytes=packed, dense_entries=entries, world_size=m)), 1
-    if transport == "allgather":  # whole 64-bit words
-        return round(bytes_per_rank("allgather", payload_bytes=-(-packed // 8) * 8, dense_entries=entries,
-                                    world_size=m)), 1
-    padded = -(-packed // (8 * m)) * 8 * m  # each owner shard whole 64-bit words
-    sent = bytes_per_rank("owner", payload_bytes=padded, dense_entries=entries, world_size=m)
-    if abstain and m % 2 == 0:  # the tie mask comes back with the result
-        sent += (m - 1) * padded / m
-    return round(sent), 2
+def totals(per_rank: list[dict[str, tuple[int, int]]]) -> tuple[float, int, int]:
+    """(mean bytes over ranks, largest bytes, collectives per step) of :func:`modelled`'s per-rank books."""
+    sent = [sum(b for b, _ in book.values()) for book in per_rank]
+    return sum(sent) / len(sent), max(sent), max(sum(c for _, c in book.values()) for book in per_rank)
 
 
-def modelled(opt, m: int) -> dict[str, tuple[int, int, str]]:
-    """``{group: (bytes, collectives, transport)}`` of a steady-state step on ``m`` ranks, plus the flags.
-
-    ``opt`` may live on a world of one: each group's transport is planned again for ``m``.
-    """
-    n_params = sum(len(g["params"]) for g in opt.param_groups)
-    out = {"step_agreement": (round(bytes_per_rank("allreduce", payload_bytes=1 + n_params, dense_entries=0,
-                                                   world_size=m)), 1, "allreduce")}
-    for rt, group in zip(opt._runtimes, opt.param_groups):
-        params = group["params"]
-        transport = rt.plan(params, world_size=m)
-        if rt.aggregator.kind == "majority_vote":
-            packed = sum(rt.codec(p).wire_nbytes(p.shape, p.dtype) for p in params)
-            sent, calls = _vote_cost(transport, packed, sum(p.numel() for p in params), m,
-                                     rt.aggregator.config.ties == "abstain")
-        elif rt.aggregator.kind in ("mean", "ef21", "error_feedback"):
-            pieces = [(d, math.prod(s)) for p in params for s, d in rt.codec(p).wire_layout(p.shape, p.dtype)]
-            sent, calls = _mean_cost(transport, pieces, m)
-        else:
-            raise SystemExit(f"no cost model here for aggregator {rt.aggregator.kind!r}")
-        out[group["group"]] = (sent, calls, transport)
-    return out
-
-
-def per_rank_payload(opt) -> dict[str, int]:
-    """One rank's declared wire bytes per group (what the cost model multiplies)."""
-    return {g["group"]: sum(rt.codec(p).wire_nbytes(p.shape, p.dtype) for p in g["params"])
-            for rt, g in zip(opt._runtimes, opt.param_groups)}
+def owner_share(opt, m: int) -> float:
+    """The largest fraction of the hidden group's LMO cost any rank owns on ``m`` ranks (1: replicated)."""
+    rt = opt._runtimes[0]
+    role, _, owners = server_role(rt, m, world_size=opt.comm.world_size)
+    if role != "owner":
+        return 1.0
+    costs = [_cost(p) for p in rt.members]
+    return max(sum(c for c, o in zip(costs, owners) if o == r) for r in range(m)) / sum(costs)
 
 
 def measured_by_group(book: dict) -> dict[str, tuple[int, int]]:
@@ -180,8 +191,6 @@ def measured_by_group(book: dict) -> dict[str, tuple[int, int]]:
 # ----------------------------------------------------------------------------- report
 
 
-
-
 def fmt_s(t: float) -> str:
     return f"{t * 1e3:.1f} ms" if t < 1 else f"{t:.2f} s"
 
@@ -190,26 +199,26 @@ def baseline_bytes(numel: int, m: int) -> float:
     return bytes_per_rank("allreduce", payload_bytes=4 * numel, dense_entries=numel, world_size=m)
 
 
-def plot(path: Path, worlds: list[int], measured: dict, model: dict, numel: int) -> None:
-    """Bytes per rank against M, log-log: one line per distinct curve (presets with equal bytes share one)."""
+def plot(path: Path, worlds: list[int], measured: dict, model: dict, numel: int, names: list[str]) -> None:
+    """Mean bytes per rank against M, log-log: one line per distinct curve (configs with equal bytes share one)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8.5, 5.2), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    xs = sorted(model[next(iter(model))])
+    xs = sorted(model[names[0]])
     ax.plot(xs, [baseline_bytes(numel, m) for m in xs], "k--", lw=1.2, zorder=5, label="float32 all-reduce (DDP)")
     curves: dict[tuple, list[str]] = {}
-    for name in measured:
-        curves.setdefault(tuple(model[name][m] for m in xs), []).append(name)
-    for i, (curve, names) in enumerate(curves.items()):
+    for name in names:
+        curves.setdefault(tuple(round(model[name][m]) for m in xs), []).append(name)
+    for i, (curve, group) in enumerate(curves.items()):
         color = f"C{i % 10}"
-        ax.plot(xs, curve, "-", color=color, lw=1.4, label=", ".join(names))
-        ax.plot(worlds, [measured[names[0]][m] for m in worlds], "o", color=color, ms=5)
+        ax.plot(xs, curve, "-", color=color, lw=1.4, label=", ".join(group))
+        ax.plot(worlds, [measured[group[0]][m] for m in worlds], "o", color=color, ms=5)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set(xlabel="ranks M", ylabel="bytes sent per rank per step",
+    ax.set(xlabel="ranks M", ylabel="bytes sent per rank per step (mean over ranks)",
            title="bytes per rank vs M: measured on gloo (dots) and the cost model (lines)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
@@ -225,9 +234,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--width", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=1, help="measured steps per preset (after the warm-up step)")
+    ap.add_argument("--steps", type=int, default=1, help="measured steps per config (after the warm-up step)")
     ap.add_argument("--compute-steps", type=int, default=5,
-                    help="measured steps at the smallest M, whose median step time is the compute term")
+                    help="measured steps at the smallest M, whose median step time gives the compute terms")
+    ap.add_argument("--presets", nargs="+", default=list(commlmo.PRESETS))
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds for each world size's run")
     ap.add_argument("--out", type=Path, default=ROOT / "docs/benchmarks/scale.md")
     ap.add_argument("--plot", type=Path, default=None, help="default: docs/img/scale_bytes.png beside --out's folder")
@@ -235,21 +245,24 @@ def main() -> None:
     torch.set_num_threads(1)
     started = time.perf_counter()
     dims = {"size": args.size, "layers": args.layers, "vocab": args.vocab, "width": args.width}
-    configs = {name: name for name in commlmo.PRESETS}
+    configs = configs_of(args.presets)
     worlds, projected = sorted(args.world), sorted(args.project)
+    every_m = sorted(set(worlds) | set(projected) | {2 ** k for k in range(1, 11)})
     plot_path = args.plot or args.out.resolve().parent.parent / "img" / "scale_bytes.png"
 
-    # the cost model, from optimizers on a world of one (the transports are re-planned per M)
+    # the cost model, from optimizers on a world of one (roles, owners and transports re-planned per M)
     torch.manual_seed(0)
     local_model = ScaleModel(**dims)
     numel = sum(p.numel() for p in local_model.parameters())
     local = {name: commlmo.build_optimizer(local_model, steady_state(cfg)) for name, cfg in configs.items()}
-    model_at = {name: {m: modelled(opt, m) for m in sorted(set(worlds) | set(projected) | {2 ** k for k in range(1, 11)})}
-                for name, opt in local.items()}
-    model_bytes = {name: {m: sum(v[0] for v in per.values()) for m, per in by_m.items()} for name, by_m in model_at.items()}
-    payloads = {name: per_rank_payload(opt) for name, opt in local.items()}
+    books = {name: {m: modelled(opt, m) for m in every_m} for name, opt in local.items()}
+    model_mean = {name: {m: totals(b)[0] for m, b in by_m.items()} for name, by_m in books.items()}
+    model_max = {name: {m: totals(b)[1] for m, b in by_m.items()} for name, by_m in books.items()}
+    model_calls = {name: {m: totals(b)[2] for m, b in by_m.items()} for name, by_m in books.items()}
+    roles = {name: {m: server_role(opt._runtimes[0], m, world_size=1)[0] for m in every_m}
+             for name, opt in local.items()}
 
-    # measured: one spawn per world size, every preset in it
+    # measured: one spawn per world size, every config in it
     runs: dict[int, list[dict]] = {}
     for m in worlds:
         t0 = time.perf_counter()
@@ -257,222 +270,176 @@ def main() -> None:
         runs[m] = spawn(worker, m, configs, dims, steps, timeout_s=args.timeout, collective_timeout_s=args.timeout)
         print(f"M = {m}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
 
-    sent = {name: {m: sum(r["sent"] for r in runs[m][0][name]["book"].values()) for m in worlds} for name in configs}
-    times = {name: {m: statistics.median(r[name]["time"] for r in runs[m]) for m in worlds} for name in configs}
-    slowest = {name: {m: max(r[name]["time"] for r in runs[m]) for m in worlds} for name in configs}
-    calls = {name: {m: sum(r["calls"] for r in runs[m][0][name]["book"].values()) for m in worlds} for name in configs}
+    sent = {n: {m: [sum(r["sent"] for r in run[n]["book"].values()) for run in runs[m]] for m in worlds} for n in configs}
+    mean_sent = {n: {m: sum(v) / len(v) for m, v in by_m.items()} for n, by_m in sent.items()}
+    max_sent = {n: {m: max(v) for m, v in by_m.items()} for n, by_m in sent.items()}
+    times = {n: {m: statistics.median(r[n]["time"] for r in runs[m]) for m in worlds} for n in configs}
+    server_t = {n: {m: max(r[n]["server"] for r in runs[m]) for m in worlds} for n in configs}
     loop = {m: {k: statistics.median(r["_loopback"][k] for r in runs[m]) for k in ("latency", "allreduce")}
             for m in worlds}
+    measured_role = {n: {m: runs[m][0][n]["role"] for m in worlds} for n in configs}
 
     # the check: measured bytes (every rank, every group) == the model, at every measured M
     mismatches = []
     for m in worlds:
         for name in configs:
-            want = {k: v[0] for k, v in model_at[name][m].items()}
             for rank, r in enumerate(runs[m]):
-                got = {k: v[0] for k, v in measured_by_group(r[name]["book"]).items()}
+                got = measured_by_group(r[name]["book"])
+                want = books[name][m][rank]
                 if got != want:
                     mismatches.append(f"M={m} rank {rank} {name}: measured {got} model {want}")
-                wanted_calls = {k: v[1] for k, v in model_at[name][m].items()}
-                got_calls = {k: v[1] for k, v in measured_by_group(r[name]["book"]).items()}
-                if got_calls != wanted_calls:
-                    mismatches.append(f"M={m} rank {rank} {name}: collectives {got_calls} model {wanted_calls}")
-    print("measured vs modelled bytes per rank per step:", file=sys.stderr)
-    for name in configs:
-        print(f"  {name:15s} " + "  ".join(f"M={m}: {sent[name][m]} / {model_bytes[name][m]}" for m in worlds),
-              file=sys.stderr)
-    print("exact at every M" if not mismatches else "MISMATCH:\n" + "\n".join(mismatches), file=sys.stderr)
+            if measured_role[name][m] != roles[name][m]:
+                mismatches.append(f"M={m} {name}: ran {measured_role[name][m]}, the model assumed {roles[name][m]}")
+    print("exact at every M" if not mismatches else "MISMATCH:\n" + "\n".join(mismatches[:20]), file=sys.stderr)
 
-    base = {m: baseline_bytes(numel, m) for m in model_bytes[next(iter(configs))]}
-    compute_m = worlds[0]
+    base = {m: baseline_bytes(numel, m) for m in every_m}
+    cm = worlds[0]
     loop_bw = {m: base[m] / max(loop[m]["allreduce"] - loop[m]["latency"], 1e-9) for m in worlds}
-    # compute: the step time at the smallest M less its own (modelled) loopback communication
-    compute = {name: max(times[name][compute_m] - sent[name][compute_m] / loop_bw[compute_m]
-                         - loop[compute_m]["latency"] * calls[name][compute_m], 0.0) for name in configs}
+    # compute at the smallest M: the step less its (modelled) loopback communication; server compute as measured
+    server_c = {n: server_t[n][cm] / owner_share(local[n], cm) for n in configs}  # the whole server step's work
+    worker_c = {n: max(times[n][cm] - mean_sent[n][cm] / loop_bw[cm] - loop[cm]["latency"] * model_calls[n][cm]
+                       - server_t[n][cm], 0.0) for n in configs}
+
+    def projected_time(n: str, m: int, bw: float) -> float:
+        return (worker_c[n] + server_c[n] * owner_share(local[n], m) + model_max[n][m] * 8 / bw
+                + LATENCY_S * model_calls[n][m])
+
+    presets = [n for n in configs if "/" not in n]
     lines = [
-        "# Scaling with the number of ranks: bytes and step time per rank, measured to M = "
+        "# Scaling with the number of ranks: bytes and server time per rank, measured to M = "
         f"{worlds[-1]} and projected to M = {projected[-1]}",
         "",
         *provenance(started, describe_machine()),
         "",
         f"Model: {args.layers} matrices {args.size}x{args.size} (the `hidden` group) and a {args.vocab}x{args.width} "
         f"`nn.Embedding` (the `embedding` group), {numel:,} parameters; every preset with its default routing "
-        "(its method on the matrices, its element-wise recipe on the embedding). M real gloo ranks on 127.0.0.1 "
-        f"(all on this machine's {describe_machine().split(', ')[1]}), one warm-up step, then one measured step of "
-        "every preset; 1-bit Adam's float32 warm-up (the EF21 presets' embedding recipe) is cut to that one step, so "
-        "the measured step is the steady state. Bytes are per rank per step, from the optimizer's accounting of what it "
-        "handed to each collective (`opt.bytes.step`); the ratio is a float32 all-reduce of every parameter (what DDP "
-        "sends, 2(M−1)/M · 4 bytes per parameter) divided by the preset's bytes.",
-        "",
-        "## What the numbers show",
-        "",
-    ]
-    grows = [n for n in configs if any(v[2] == "allgather" for v in model_at[n][worlds[-1]].values())]
-    flat = [n for n in configs if n not in grows]
-    voters = [n for n in flat if all(rt.aggregator.kind == "majority_vote" for rt in local[n]._runtimes)]
-    server = [n for n, opt in local.items() if any(rt.config.lmo_at == "server" and rt.lmo is not None
-                                                   for rt in opt._runtimes)]
-    padding = ""
-    if voters:
-        top, v = projected[-1], voters[0]
-        padded = {g: (b, -(-b // (8 * top)) * 8 * top) for g, b in payloads[v].items()}
-        worst = [(g, b, p) for g, (b, p) in padded.items() if p > b * 1.01]
-        if worst:
-            padding = (" Majority vote's owner shards are whole 64-bit words, so a group's packed bits are padded to a "
-                       f"multiple of 8·M bytes: nothing while each rank owns many words, but at M = {top} the "
-                       + ", ".join(f"{g} group's {b:,} bytes of sign bits become {p:,}" for g, b, p in worst)
-                       + f", and the 1-bit presets fall to {base[top] / model_bytes[v][top]:.1f}x.")
-    lines += [
-        f"* **Flat in M** ({', '.join(flat)}): every group goes over the *owner* transport (all-to-all of shards, "
-        "the owner sums or votes, all-gather of the result), 2(M−1)/M · payload per rank, the same curve as the "
-        "float32 all-reduce, so the ratio stays put: 1.0x for the float32 presets, 32x for the 1-bit "
-        f"majority-vote presets ({', '.join(voters)}).{padding}",
-        f"* **Growing with M** ({', '.join(grows)}): EF21 and error feedback send payloads that do not sum on the wire "
-        "(scaled sign, top-k), so each rank all-gathers every rank's payload: (M−1) · payload per rank. The ratio "
-        "to the all-reduce falls like 1/M: it halves every time M doubles, and at large M these presets send more "
-        "than the float32 all-reduce. (The EF21 presets' embedding group, 1-bit Adam's error-compensated scaled "
-        "sign, is all-gathered too.)",
-        f"* **Time**: the server-side presets ({', '.join(server)}) run the server's LMO (Newton–Schulz, for the "
-        "spectral LMO of the matrices) on every rank redundantly today — *replicated*: each rank computes the same "
-        "LMO of the same aggregate, so the per-rank LMO work does not fall with M. There is no owner mode yet (each "
-        "rank computing the LMO of only the matrices it owns and all-gathering the directions). The worker-side "
-        "presets run it on each worker's own message, which is per-rank work by definition.",
+        "(its method on the matrices, its element-wise recipe on the embedding) and its server role as "
+        "`server: auto` picks it; the presets with a server step also forced `replicated` and `owner` "
+        "(`preset/role`). M real gloo ranks on 127.0.0.1 "
+        f"(all on this machine's {describe_machine().split(', ')[1]}), one warm-up step, then the measured "
+        "step(s); 1-bit Adam's float32 warm-up (the EF21 presets' embedding recipe) is cut to that one step, so "
+        "the measured step is the steady state. Bytes are per rank per step, from the optimizer's accounting of "
+        "what it handed to each collective (`opt.bytes.step`): the mean over the ranks, and the largest where "
+        "they differ (under the owner role each rank sends the payloads of the parameters it does not own and "
+        "the steps of those it owns); the ratio is a float32 all-reduce of every parameter (what DDP sends, "
+        "2(M−1)/M · 4 bytes per parameter) divided by the preset's mean bytes.",
         "",
     ]
 
     # targets
     lines += ["## Against the issue's targets", "",
-              "Ratios vs a float32 all-reduce, at " + " and ".join(f"M = {m}" for m in TARGET_WORLDS) +
-              " (measured where measured, else the cost model, which equals the measurement wherever both exist).", "",
-              "| preset | target | " + " | ".join(f"M = {m}" for m in TARGET_WORLDS) + " | met |",
-              "|---|---:|" + "---:|" * len(TARGET_WORLDS) + "---|"]
+              "Ratios vs a float32 all-reduce (mean bytes over the ranks; the largest rank's in brackets), at "
+              + " and ".join(f"M = {m}" for m in TARGET_WORLDS) +
+              " (measured where measured, else the cost model, which equals the measurement wherever both exist).",
+              "", "| preset | target | " + " | ".join(f"M = {m}" for m in TARGET_WORLDS) + " | server role | met |",
+              "|---|---:|" + "---:|" * len(TARGET_WORLDS) + "---|---|"]
     verdicts = []
     for names, target in TARGETS:
-        for name in names:
+        for name in [n for n in names if n in configs]:
             cells, ok = [], True
             for m in TARGET_WORLDS:
-                b = sent[name][m] if m in worlds else model_bytes[name][m]
-                ratio = base[m] / b
-                ok &= ratio >= target
-                cells.append(f"{ratio:.1f}x" + ("" if m in worlds else " (model)"))
+                mean = mean_sent[name][m] if m in worlds else model_mean[name][m]
+                top = max_sent[name][m] if m in worlds else model_max[name][m]
+                ok &= base[m] / mean >= target
+                cells.append(f"{base[m] / mean:.1f}x ({base[m] / top:.1f}x)" + ("" if m in worlds else " (model)"))
             verdicts.append((name, target, ok))
-            lines.append(f"| {name} | ≥ {target:g}x | {' | '.join(cells)} | {'yes' if ok else '**no**'} |")
-    met = [n for n, _, ok in verdicts if ok]
+            role = ", ".join(sorted({roles[name][m] for m in TARGET_WORLDS}))
+            lines.append(f"| {name} | ≥ {target:g}x | {' | '.join(cells)} | {role} | {'yes' if ok else '**no**'} |")
     missed = [n for n, _, ok in verdicts if not ok]
-    lines += ["", f"Met: {', '.join(met) or 'none'}. Missed: {', '.join(missed) or 'none'}."]
+    lines += ["", f"Met: {', '.join(n for n, _, ok in verdicts if ok) or 'none'}. "
+              f"Missed: {', '.join(missed) or 'none'}.", ""]
     if missed:
-        lines += ["", "The misses are the all-gathered payloads: at M ranks an all-gathered payload of b bytes per "
-                  "rank costs (M−1)·b, so its ratio to the all-reduce is (2/M) · (32 bits / bits per entry). "
-                  "EF21-Muon's top-5% payload (bf16 value + 16-bit index, 1.6 bits per entry) gives 40/M "
-                  "(5x at M = 8, 2.5x at M = 16); a scaled sign (1 bit per entry) gives 64/M (8x, 4x). No "
-                  "configuration of today's transports meets a fixed ratio for these presets at every M: it needs a "
-                  "compressed payload that sums on the wire, or a reduce-scatter that re-compresses each owner's "
-                  "shard (1-bit Adam's compressed all-reduce), neither of which is implemented."]
-    lines.append("")
+        lines += [
+            "What bounds the misses: these presets send their server step through an *identity* downlink "
+            "(ef21muon: EF21-Muon with a float32 downlink; ef21muonusign: polar(g) uncompressed). EF21's "
+            "aggregate g = mean c_i of scaled signs or top-k is not a 1-bit or sparse message, and every rank "
+            "needs the step exactly, so there are only two exact ways to get it there: every rank receives every "
+            "rank's payload ((M−1) payloads per rank: the ratio falls like 64/M for a 1-bit payload, 40/M for "
+            "top-5 %) or one owner computes the step and sends it uncompressed ((M−1)/M · (payload + 32 bits) "
+            "per entry: about 1.9x at any M). `server: auto` takes the cheaper of the two at each M. Compressing "
+            "the downlink is what makes an EF21 preset flat in M *and* cheap: ef21muonsign (EF21-P scaled-sign "
+            "downlink) meets its target under the owner role, and so does EF21-Muon with an EF21-P top-k "
+            "downlink (the paper's bidirectional variant; `ef21muon` + `downlink: {kind: ef21p, compressor: topk}`,"
+            " below).",
+            ""]
 
-    # measured table: bytes and ratio
-    head = "| preset | " + " | ".join(f"M = {m}" for m in worlds) + " |"
+    # measured table
+    head = "| config | " + " | ".join(f"M = {m}" for m in worlds) + " |"
     rule = "|---|" + "---:|" * len(worlds)
     lines += ["## Measured: bytes per rank per step (ratio vs float32 all-reduce)", "",
               "Float32 all-reduce of every parameter: " +
-              ", ".join(f"{human_bytes(base[m])} at M = {m}" for m in worlds) + ".", "", head, rule]
-    for name in configs:
-        lines.append(f"| {name} | " + " | ".join(f"{human_bytes(sent[name][m])} ({base[m] / sent[name][m]:.1f}x)"
-                                                  for m in worlds) + " |")
-    lines += ["", "Each rank's payload (declared wire bytes of one step, what the model multiplies) and the transport "
-              f"of each group, at M = {worlds[-1]}:", "",
-              "| preset | " + " | ".join(sorted({g for p in payloads.values() for g in p})) + " | collectives / step |",
-              "|---|" + "---|" * len({g for p in payloads.values() for g in p}) + "---:|"]
-    groups = sorted({g for p in payloads.values() for g in p})
-    for name in configs:
-        per = model_at[name][worlds[-1]]
-        lines.append(f"| {name} | " + " | ".join(
-            f"{human_bytes(payloads[name][g])}, {per[g][2]}" if g in payloads[name] else "—" for g in groups)
-            + f" | {calls[name][worlds[-1]]} |")
-    lines.append("")
-
-    lines += ["## Measured against the cost model", "",
-              "Bytes: the model (`bytes_per_rank` on the declared wire sizes, with the owner transport's padding to "
-              "M elements per dtype and majority vote's to whole 64-bit words per shard, plus the step's agreement "
-              "flags) against the measurement, every group of every rank:", ""]
-    if mismatches:
-        lines += ["**Mismatches:**", "", *[f"* {x}" for x in mismatches[:40]], ""]
-    else:
-        lines += [f"**Exact**, byte for byte, for every preset, every group and every rank at M = "
-                  f"{', '.join(map(str, worlds))} (and the number of collectives per group too). "
-                  "tests/test_cost_model.py pins the same equality for every transport at M = 2…8.", ""]
-    lines += [
-        "Time: step time per rank (median over ranks; the slowest rank in brackets), against a loopback model, "
-        f"compute + bytes / loopback bandwidth + latency · collectives, with compute the median step time at "
-        f"M = {compute_m} (over {args.compute_steps} steps; elsewhere {args.steps} step) less its own modelled "
-        "loopback communication, "
-        "with the loopback bandwidth and latency measured in the same run (a float32 all-reduce of every "
-        "parameter, and of one float).",
-        "",
-        "Loopback, measured: " + "; ".join(
-            f"M = {m}: latency {loop[m]['latency'] * 1e6:.0f} µs, all-reduce bandwidth "
-            f"{loop_bw[m] * 8 / 1e9:.1f} Gbit/s" for m in worlds) + ".",
-        "",
-        "| preset | " + " | ".join(f"M = {m}: measured (slowest) / model" for m in worlds) + " |",
-        "|---|" + "---:|" * len(worlds),
-    ]
+              ", ".join(f"{human_bytes(base[m])} at M = {m}" for m in worlds) + ". Mean over the ranks; the largest "
+              "rank's in brackets where it differs.", "", head, rule]
     for name in configs:
         cells = []
         for m in worlds:
-            model_t = compute[name] + sent[name][m] / loop_bw[m] + loop[m]["latency"] * calls[name][m]
-            cells.append(f"{fmt_s(times[name][m])} ({fmt_s(slowest[name][m])}) / {fmt_s(model_t)}")
+            cell = f"{human_bytes(mean_sent[name][m])} ({base[m] / mean_sent[name][m]:.1f}x)"
+            if max_sent[name][m] > mean_sent[name][m] * 1.001:
+                cell += f" [{human_bytes(max_sent[name][m])}]"
+            cells.append(cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "The time model and the loopback measurement differ, and are expected to: all M ranks share this machine's "
-        "cores, so from M above the core count the ranks' compute (the replicated Newton–Schulz above all) is "
-        "time-sliced and the measured step grows roughly like M / cores, which the model, with a fixed compute "
-        "term, does not contain; and loopback 'bandwidth' is memory copies on the same cores. On separate machines "
-        "each rank has its own cores and the compute term stays what it is at small M; the bytes are what they are "
-        "in either case. (At M = {0} the model equals the measurement by construction: that step is the "
-        "compute term.)".format(compute_m),
-        "",
-    ]
+    lines += ["", "The server role `auto` picked, per M: " + "; ".join(
+        f"{n}: " + ", ".join(f"{roles[n][m]}" for m in worlds) for n in presets if n in SERVER) + ".", ""]
+
+    # server time
+    lines += ["## Server time per rank: replicated against owner", "",
+              "Seconds per step each rank spends in the server stage (the LMO after aggregation: Newton–Schulz "
+              "for the spectral LMO), the slowest rank; under `owner` each matrix's LMO runs on one rank only.",
+              "", "| preset | " + " | ".join(f"M = {m}: replicated / owner (ratio)" for m in worlds) + " |",
+              "|---|" + "---:|" * len(worlds)]
+    for name in [n for n in presets if n in SERVER]:
+        rep, own = f"{name}/replicated", f"{name}/owner"
+        lines.append(f"| {name} | " + " | ".join(
+            f"{fmt_s(server_t[rep][m])} / {fmt_s(server_t[own][m])} ({server_t[own][m] / max(server_t[rep][m], 1e-12):.2f})"
+            for m in worlds) + " |")
+    lines += ["", "With four equal matrices, one rank owns at most ⌈4/M⌉ of them: the owner's share is 1/M of the "
+              "work while M ≤ 4 and one matrix (1/4) beyond; a real model's dozens of matrices keep the share near "
+              "1/M. All ranks share this machine's cores, so from M above the core count every rank's time is "
+              "time-sliced and the absolute numbers grow; the ratio is the figure to read.", ""]
+
+    lines += ["## Measured against the cost model", ""]
+    if mismatches:
+        lines += ["**Mismatches:**", "", *[f"* {x}" for x in mismatches[:40]], ""]
+    else:
+        lines += [f"**Exact**, byte for byte, for every config, every group and every rank at M = "
+                  f"{', '.join(map(str, worlds))} (and the number of collectives too): `commlmo.cost.step_bytes`. "
+                  "tests/test_cost_model.py pins the same equality for every transport and server role at M = 2…8.",
+                  ""]
+    lines += ["Loopback, measured: " + "; ".join(
+        f"M = {m}: latency {loop[m]['latency'] * 1e6:.0f} µs, all-reduce bandwidth {loop_bw[m] * 8 / 1e9:.1f} Gbit/s"
+        for m in worlds) + ".", "",
+        "Step time per rank (median over ranks) at each M: " + "; ".join(
+            f"{n}: " + ", ".join(fmt_s(times[n][m]) for m in worlds) for n in presets) + ".", ""]
 
     # projection
     lines += [f"## Projected to M = {', '.join(map(str, projected))}", "",
-              "Bytes per rank per step from the cost model (the transports re-planned for each M), and the ratio "
-              "vs a float32 all-reduce:", "",
-              "| preset | " + " | ".join(f"M = {m}" for m in projected) + " |", "|---|" + "---:|" * len(projected),
+              "Bytes per rank per step from the cost model (server roles, owners and transports re-planned for each "
+              "M as `auto` would), mean over the ranks and the ratio vs a float32 all-reduce:", "",
+              "| config | " + " | ".join(f"M = {m}" for m in projected) + " |", "|---|" + "---:|" * len(projected),
               "| float32 all-reduce | " + " | ".join(human_bytes(base[m]) for m in projected) + " |"]
     for name in configs:
-        lines.append(f"| {name} | " + " | ".join(f"{human_bytes(model_bytes[name][m])} ({base[m] / model_bytes[name][m]:.1f}x)"
-                                                  for m in projected) + " |")
-    lines += ["", f"Time per step, compute (the step time at M = {compute_m} less its loopback communication, as above; "
-              "the replicated LMO does not shrink with M) "
-              f"+ bytes / bandwidth + {LATENCY_S * 1e6:.0f} µs per collective (constant per collective: a ring or "
-              "tree collective's latency grows with M, by (M−1) or log M steps, so the latency term here is a lower "
-              "bound at large M):", ""]
+        lines.append(f"| {name} | " + " | ".join(
+            f"{human_bytes(model_mean[name][m])} ({base[m] / model_mean[name][m]:.1f}x)" for m in projected) + " |")
+    lines += ["", f"Time per step: worker compute + server compute (measured at M = {cm}; the owner role's is the "
+              "largest share of the LMO work any rank owns) + the largest rank's bytes / bandwidth + "
+              f"{LATENCY_S * 1e6:.0f} µs per collective (a ring or tree collective's latency grows with M, so this "
+              "term is a lower bound at large M):", ""]
     for link, bw in LINKS.items():
         lines += [f"**{link}**", "",
-                  "| preset | compute | " + " | ".join(f"M = {m}" for m in projected) + " |",
-                  "|---|---:|" + "---:|" * len(projected),
-                  "| float32 all-reduce alone | — | " + " | ".join(
+                  "| config | " + " | ".join(f"M = {m}" for m in projected) + " |",
+                  "|---|" + "---:|" * len(projected),
+                  "| float32 all-reduce alone | " + " | ".join(
                       fmt_s(base[m] * 8 / bw + LATENCY_S) for m in projected) + " |"]
         for name in configs:
-            tc = compute[name]
-            lines.append(f"| {name} | {fmt_s(tc)} | " + " | ".join(
-                fmt_s(tc + model_bytes[name][m] * 8 / bw + LATENCY_S * sum(v[1] for v in model_at[name][m].values()))
-                for m in projected) + " |")
+            lines.append(f"| {name} | " + " | ".join(fmt_s(projected_time(name, m, bw)) for m in projected) + " |")
         lines.append("")
-    top, slow = projected[-1], min(LINKS.values())
-    wire = {n: model_bytes[n][top] * 8 / slow + LATENCY_S * sum(v[1] for v in model_at[n][top].values()) for n in configs}
-    lines += [f"At {min(LINKS, key=LINKS.get)} and M = {top}, the wire time per step: "
-              + "; ".join(f"{', '.join(ns)} {fmt_s(t)}" for t, ns in sorted(
-                  {round(t, 4): [n for n in configs if round(wire[n], 4) == round(t, 4)] for t in wire.values()}.items()))
-              + f" (float32 all-reduce alone: {fmt_s(base[top] * 8 / slow + LATENCY_S)}).", ""]
     rel = Path("..") / "img" / plot_path.name
     lines += ["## Bytes per rank against M", "",
               f"![bytes per rank per step against M, log-log, every preset: measured points and the cost model]({rel.as_posix()})",
-              "", "Dots: measured on gloo; lines: the cost model; dashed black: the float32 all-reduce. The owner-"
-              "transport presets run parallel to it (a constant ratio); the all-gathered ones climb with slope 1.",
+              "", "Dots: measured on gloo; lines: the cost model (mean over ranks); dashed black: the float32 "
+              "all-reduce. A line parallel to it is a constant ratio at any M.",
               "", "[All benchmarks](index.md) · [Running on several machines](../multinode.md)", ""]
-    plot(plot_path, worlds, sent, model_bytes, numel)
+    plot(plot_path, worlds, mean_sent, model_mean, numel, presets)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out} and {plot_path}", file=sys.stderr)

@@ -35,10 +35,10 @@ from typing import Any
 
 import torch
 
-from .owner import _down_nbytes, assign_owners, choose_server, owner_problem
+from .owner import _down_nbytes, assign_owners, choose_server, owner_problem, owners_by_size
 from .transport import bytes_per_rank
 
-__all__ = ["step_bytes", "mean_bytes", "server_role"]
+__all__ = ["step_bytes", "every_rank", "mean_bytes", "server_role"]
 
 
 def _mean_cost(transport: str, pieces: list[tuple[torch.dtype, int]], m: int) -> tuple[int, int]:
@@ -100,56 +100,66 @@ def step_bytes(opt: Any, *, step: int | None = None, world_size: int | None = No
     Every parameter is assumed to have a gradient.
     """
     m = opt.comm.world_size if world_size is None else world_size
-    me = opt.comm.rank if rank is None else rank
+    books = every_rank(opt, step=step, world_size=m)
+    return books[opt.comm.rank if rank is None else rank] if books else {}
+
+
+def every_rank(opt: Any, *, step: int | None = None, world_size: int | None = None) -> list[dict[str, tuple[int, int]]]:
+    """:func:`step_bytes` of every rank, ``[rank]`` (the server roles and owners planned once for all)."""
+    m = opt.comm.world_size if world_size is None else world_size
     step = opt.steps if step is None else step
     if m == 1:
-        return {}
+        return [{}]
     n_params = sum(len(g["params"]) for g in opt.param_groups)
-    out: dict[str, tuple[int, int]] = {
-        "step_agreement": (round(bytes_per_rank("allreduce", payload_bytes=1 + n_params, dense_entries=0,
-                                                world_size=m)), 1)}
+    books: list[dict[str, list[int]]] = [{} for _ in range(m)]
+
+    def add(label: str, per_rank: list[int] | int, calls: int) -> None:
+        for r in range(m):
+            row = books[r].setdefault(label, [0, 0])
+            row[0] += per_rank if isinstance(per_rank, int) else per_rank[r]
+            row[1] += calls
+
+    add("step_agreement", round(bytes_per_rank("allreduce", payload_bytes=1 + n_params, dense_entries=0,
+                                               world_size=m)), 1)
     if step == 0:  # the layout check: a [count, config hash] int64 head, then 10 int64 per parameter
-        out["layout_check"] = ((m - 1) * (2 + 10 * n_params) * 8, 2)
+        add("layout_check", (m - 1) * (2 + 10 * n_params) * 8, 2)
     roles = {id(rt): server_role(rt, m, world_size=opt.comm.world_size) for rt in opt._runtimes}
     for bucket in opt._buckets:
         group, rt = opt.param_groups[bucket.entry], opt._runtimes[bucket.entry]
-        params = [group["params"][i] for i in bucket.index]
+        label, params = group["group"], [group["params"][i] for i in bucket.index]
         server, transport, owners = roles[id(rt)]
         warmup = rt.rule is not None and not rt.rule.uplink_active(step)
         owned = server == "owner" and not warmup
         if warmup:  # a float32 mean, owner transport
-            sent, calls = _mean_cost("owner", [(p.dtype, p.numel()) for p in params], m)
-        elif owned:
-            mine = [owners[rt.position(p)] == me for p in params]
-            sent = sum(rt.codec(p).wire_nbytes(p.shape, p.dtype) for p, own in zip(params, mine) if not own)
-            sent += (m - 1) * sum(_down_nbytes(rt, p) for p, own in zip(params, mine) if own)
-            calls = 2
-        elif transport == "compressed":  # 1-bit Adam's two-stage all-reduce: to each owner, and back
-            from .owner import owners_by_size
-
-            sizes = [rt.codec(p).wire_nbytes(p.shape, p.dtype) for p in params]
-            owners = owners_by_size(sizes, m)
-            sent = sum(sz for sz, o in zip(sizes, owners) if o != me) + (m - 1) * sum(
-                sz for sz, o in zip(sizes, owners) if o == me)
-            calls = 2
+            add(label, *_mean_cost("owner", [(p.dtype, p.numel()) for p in params], m))
+        elif owned or transport == "compressed":
+            # to each owner, and back: the payloads of the parameters a rank does not own, and M-1 times the
+            # messages of those it owns (the owner role's downlink, or 1-bit Adam's compressed mean)
+            up = [rt.codec(p).wire_nbytes(p.shape, p.dtype) for p in params]
+            if owned:
+                down, who = [_down_nbytes(rt, p) for p in params], [owners[rt.position(p)] for p in params]
+            else:
+                down, who = up, owners_by_size(up, m)
+            total_up = sum(up)
+            per_rank = [total_up] * m
+            for u, d, o in zip(up, down, who):
+                per_rank[o] += (m - 1) * d - u
+            add(label, per_rank, 2)
         elif rt.aggregator.kind == "majority_vote":
             packed = sum(rt.codec(p).wire_nbytes(p.shape, p.dtype) for p in params)
-            sent, calls = _vote_cost(transport, packed, sum(p.numel() for p in params), m,
-                                     rt.aggregator.config.ties == "abstain")
+            add(label, *_vote_cost(transport, packed, sum(p.numel() for p in params), m,
+                                   rt.aggregator.config.ties == "abstain"))
         elif rt.aggregator.kind in ("mean", "ef21", "error_feedback"):
             pieces = [(d, math.prod(s)) for p in params for s, d in rt.codec(p).wire_layout(p.shape, p.dtype)]
-            sent, calls = _mean_cost(transport, pieces, m)
+            add(label, *_mean_cost(transport, pieces, m))
         else:
             raise ValueError(f"no cost model for aggregator {rt.aggregator.kind!r}")
         if step == 0 and not owned:  # the one-off agreement check: an int64 checksum per parameter
-            sent, calls = sent + (m - 1) * 8 * len(params), calls + 1
-        before = out.get(group["group"], (0, 0))
-        out[group["group"]] = (before[0] + sent, before[1] + calls)
-    return out
+            add(label, (m - 1) * 8 * len(params), 1)
+    return [{k: (v[0], v[1]) for k, v in book.items()} for book in books]
 
 
 def mean_bytes(opt: Any, *, world_size: int, step: int = 1) -> float:
     """Bytes per rank per step on ``world_size`` ranks, averaged over the ranks (steady state: ``step`` 1)."""
-    per_rank = [sum(b for b, _ in step_bytes(opt, step=step, world_size=world_size, rank=r).values())
-                for r in range(world_size)]
+    per_rank = [sum(b for b, _ in book.values()) for book in every_rank(opt, step=step, world_size=world_size)]
     return sum(per_rank) / max(len(per_rank), 1)
