@@ -229,14 +229,21 @@ machine.  Targets are issue 3's.
   for 4-16 columns here, so `torch` alone would be ~10x a read.
 - **natural**: one C pass computes the exponent code, the counter-hash coin and
   the packed sign bits; bfloat16/float16 inputs pay one extra conversion.
+- **majority vote** (no target; the aggregator's cost): a C kernel keeps the
+  bit-sliced counter of 64 words in cache and reads each message once; the torch
+  twin writes a temporary per plane and row (4-10x slower on this CPU).
 
-Without a C compiler (`COMMLMO_NATIVE_KERNELS=0`, or on GPU tensors) the same
-formats come from bit-identical eager torch code.  On this CPU that path misses
-the targets (measured once: sign compress ~8x a read, fused apply ~3x an axpy,
-topk ~20x, rankk ~7x, natural ~100x): the eager twins exist for correctness
-and portability, the C kernels for speed; see
-`compressors/commlmo_compressors/_native.py`.  The machine was shared with other
-jobs, which is why the floors differ a little from row to row.
+Every kernel is the CPU implementation of a `torch.library` custom op
+(`torch.ops.commlmo.*`), which is how the compressors reach it; plain eager
+CPU calls skip the dispatcher's ~30-40 us per call.  Without a C compiler
+(`COMMLMO_NATIVE_KERNELS=0`) the same formats come from bit-identical eager
+torch code.  On this CPU that path misses the targets (measured once: sign
+compress ~8x a read, fused apply ~3x an axpy, topk ~20x, rankk ~7x, natural
+~100x): the eager twins exist for correctness and portability, the C kernels
+for speed; see `compressors/commlmo_compressors/_native.py`.  GPU tensors take
+branch-free torch implementations of the same ops (or fused Triton kernels),
+bit-identical too: [One GPU](gpu.md).  The machine was shared with other jobs,
+which is why the floors differ a little from row to row.
 """
 
 if __name__ == "__main__":

@@ -52,9 +52,11 @@ class TopK(LayoutCompressor):
       above ``16384 k/d``); collect every entry above it in one pass, then keep
       the exact k largest of those candidates (a radix select in the C kernel,
       ``torch.topk`` elsewhere).  If fewer than k pass, the bar is lowered and
-      the pass repeated.  The result is **exactly** the top-k set (ties: lowest
-      index first in C, arbitrary in torch), at about 3 reads of ``x`` for
-      k = 1 % of 16 M entries, where a global ``torch.topk`` costs 100-250.
+      the pass repeated.  The result is **exactly** the top-k set, indices
+      ascending, ties to the lowest index -- the same payload from the C kernel,
+      its eager twin and the GPU (custom op ``commlmo::topk_abs``; on CUDA one
+      ``torch.topk`` finds the k-th magnitude) -- at about 3 reads of ``x`` for
+      k = 1 % of 16 M entries on the CPU, where a global ``torch.topk`` costs 100-250.
     * ``"exact"``: one global ``torch.topk``.
     * ``"blocked"``: cut ``x`` into ``blocks`` near-equal contiguous slices, each
       keeping its own top ``floor(k/B)`` or ``ceil(k/B)`` entries (useful when
