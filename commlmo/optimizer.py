@@ -10,9 +10,12 @@ Build it with :func:`build_optimizer`::
 Call ``loss.backward()`` on each rank's own batch, then ``opt.step()``: the
 optimizer aggregates the workers' messages itself, so the model must *not* be
 wrapped in ``DistributedDataParallel`` (refused at build time, and detected at
-the next step when the model is wrapped afterwards).  Without an initialised
-process group it runs on one process and calls no collective; built before
-``init_process_group`` under a launcher (``WORLD_SIZE`` > 1) it refuses to step.
+the next step when the model is wrapped afterwards and DDP's reduction was not
+turned off: :mod:`commlmo.integrations`).  Without an initialised process group
+it runs on one process and calls no collective; built before
+``init_process_group`` under a launcher (``WORLD_SIZE`` > 1) it binds to the
+world group at its first step (or ``load_state_dict``), and refuses to step if
+there is still none.
 
 Conventions from ``torch.optim``: ``param_groups`` (one per non-empty pipeline
 group, the fallback group included, with ``params`` and ``param_names``, and
@@ -189,15 +192,40 @@ def _active_ddp() -> Any:
 
 
 def _ddp_hooked(p: Tensor) -> bool:
-    """Whether a hook DDP registers (compiled/python reducer, delayed all-reduce) sits on ``p``."""
+    """Whether a hook DDP registers (compiled/python reducer, delayed all-reduce) sits on ``p``, from a DDP
+    whose reduction was not turned off (:func:`commlmo.integrations.turn_off_ddp_reduction`)."""
+    from .integrations import reduction_is_off
+
     ddp = torch.nn.parallel.DistributedDataParallel
     for hooks in (getattr(p, "_backward_hooks", None), getattr(p, "_post_accumulate_grad_hooks", None)):
         for h in (hooks or {}).values():
             fn = getattr(h, "func", h)
-            if isinstance(getattr(fn, "__self__", None), ddp) or \
-                    getattr(fn, "__qualname__", "").startswith("DistributedDataParallel."):
+            owner = getattr(fn, "__self__", None)
+            if not isinstance(owner, ddp):  # the compiled reducer's hook is a closure over its DDP
+                for cell in getattr(fn, "__closure__", None) or ():
+                    try:
+                        if isinstance(cell.cell_contents, ddp):
+                            owner = cell.cell_contents
+                    except ValueError:  # an empty cell
+                        pass
+            if isinstance(owner, ddp):
+                if not reduction_is_off(owner):
+                    return True
+            elif getattr(fn, "__qualname__", "").startswith("DistributedDataParallel."):
                 return True
     return False
+
+
+def _digest(value: Any) -> str:
+    """What must be equal for a state entry to be the same on two ranks: type, dtype, shape and bits."""
+    h = hashlib.blake2b(digest_size=16)
+    if isinstance(value, Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    else:
+        h.update(repr(value).encode())
+    return h.hexdigest()
 
 
 class _DDPProbe:
@@ -506,41 +534,100 @@ class CommOptimizer(torch.optim.Optimizer):
         weakref.finalize(self, handle.remove)
 
     def _note_ddp(self, ddp: Any) -> None:
-        """A DDP forward ran one of our modules: remember it if that DDP reduces any of our parameters."""
-        if self._ddp_seen is not None or id(ddp) in self._ddp_checked:
+        """A DDP forward ran one of our modules: remember it if its backward will reduce our parameters.
+
+        Checked at every forward, because DDP decides at forward time: its backward reduces
+        nothing when the forward ran under ``no_sync()`` or without grad, nor when
+        :func:`commlmo.integrations.local_gradients` replaced its reduction.  A DDP whose
+        reduction an integration asked to turn off (``_ddp_turn_off``) gets that hook now,
+        before its first backward.
+        """
+        if self._ddp_seen is not None or not torch.is_grad_enabled() or \
+                not getattr(ddp, "require_backward_grad_sync", True):
             return
-        self._ddp_checked.add(id(ddp))
+        from .integrations import local_gradients, reduction_is_off
+
+        if reduction_is_off(ddp):
+            return
+        if id(ddp) in self._ddp_checked:  # checked before: it reduces none of our parameters
+            return
         reduced = getattr(ddp, "_module_parameters", None)
         if reduced is None:
             reduced = list(ddp.module.parameters()) if isinstance(getattr(ddp, "module", None), torch.nn.Module) else []
         ours = {id(p) for g in self.param_groups for p in g["params"]}
-        if any(id(p) in ours for p in reduced):
-            self._ddp_seen = type(ddp).__name__
+        if not any(id(p) in ours for p in reduced):
+            self._ddp_checked.add(id(ddp))
+            return
+        hooks = [getattr(h, "__qualname__", repr(h)) for h, _ in getattr(ddp, "_comm_hooks", ())]
+        if not hooks and getattr(self, "_ddp_turn_off", False) and hasattr(ddp, "register_comm_hook"):
+            ddp.register_comm_hook(None, local_gradients)
+            return
+        self._ddp_seen = type(ddp).__name__ + (f" (communication hook {', '.join(hooks)})" if hooks else "")
 
-    def _check_stack(self, entries: list[tuple[str, Tensor]], first: bool) -> None:
-        """Refuse to step, before anything is sent, under a PyTorch stack that would break the step."""
-        if self._built_before_pg is not None:
-            n = self._built_before_pg
-            if dist.is_available() and dist.is_initialized():
-                raise DistributedError(
-                    f"this optimizer was built before torch.distributed was initialised (WORLD_SIZE={n} in the "
-                    "environment, no process group at build time), so it is a world of one: each rank would "
-                    "train alone. Build the optimizer after dist.init_process_group(), or pass process_group=")
+    def _bind_to_process_group(self, *, strict: bool) -> None:
+        """Bind an optimizer built before the process group (``WORLD_SIZE`` > 1) to the world group.
+
+        Frameworks initialise ``torch.distributed`` themselves (``TrainingArguments``,
+        ``Accelerator()``, Lightning's strategy setup), often after the optimizer was
+        built: the communicator and each group's plan (transport, server role, the
+        rank's random streams) are made again for the world group, which is only
+        possible before the first step.  ``strict``: refuse when the group still does
+        not exist (a step, a load), instead of leaving the optimizer unbound.
+        """
+        n = self._built_before_pg
+        if n is None:
+            return
+        if not (dist.is_available() and dist.is_initialized()):
+            if not strict:
+                return
             raise DistributedError(
                 f"WORLD_SIZE={n} in the environment, but torch.distributed was never initialised, so this "
-                "optimizer is a world of one and each rank would train alone. Call dist.init_process_group() "
-                "(or commlmo.launch.init_from_env()) before build_optimizer, or pass "
-                "process_group=commlmo.LocalComm() to train on one process on purpose")
+                "optimizer would be a world of one and each rank would train alone. Call "
+                "dist.init_process_group() (or commlmo.launch.init_from_env(), or let your framework do it) "
+                "before the first step or load_state_dict: the optimizer binds to the world group then. "
+                "Pass process_group=commlmo.LocalComm() to train on one process on purpose")
+        comm = make_communicator()
+        if comm.world_size != n:
+            raise DistributedError(
+                f"WORLD_SIZE={n} in the environment when the optimizer was built, but the process group that "
+                f"now exists has {comm.world_size} ranks; build the optimizer under the launcher that runs it, "
+                "or pass process_group=")
+        if self.steps or self.skipped_steps:
+            raise DistributedError("this optimizer stepped as a world of one before the process group existed; "
+                                   "build it again after dist.init_process_group()")
+        rebuilt: dict[int, GroupRuntime] = {}
+        for rt in self._runtimes:
+            if id(rt) in rebuilt:
+                continue
+            members = [(n_, p) for r, g in zip(self._runtimes, self.param_groups) if r is rt
+                       for n_, p in zip(g["param_names"], g["params"])]
+            views = {n_: rt.views[id(p)] for n_, p in members if id(p) in rt.views}
+            rebuilt[id(rt)] = self._build_runtime(rt.config, rt.index, members, views=views, seed=self.config.seed,
+                                                  comm=comm, adversary=self._adversary)
+        self._runtimes = [rebuilt[id(rt)] for rt in self._runtimes]
+        self.comm, self._built_before_pg, self._layout_checked = comm, None, False
+        if hasattr(self, "_plan_buckets"):
+            self._plan_buckets()
+
+    def _check_stack(self, entries: list[tuple[str, Tensor]], first: bool) -> None:
+        """Refuse to step, before anything is sent, under a PyTorch stack that would break the step.
+
+        Binds an optimizer built before the process group to it (:meth:`_bind_to_process_group`),
+        and refuses a ``DistributedDataParallel`` that reduces our parameters in its backward.
+        """
+        self._bind_to_process_group(strict=True)
         if self._ddp_seen is None and first:
             hooked = next((n for n, p in entries if _ddp_hooked(p)), None)
             if hooked is not None:
                 self._ddp_seen = f"DistributedDataParallel (hooks on {hooked!r})"
         if self._ddp_seen is not None:
             raise DistributedError(
-                f"the model was wrapped in {self._ddp_seen} after the optimizer was built: DDP all-reduces every "
-                "gradient in float32 during backward and commlmo aggregates it again, so gradients cross the "
-                "wire twice (and compression is defeated). Do not wrap the model: call backward on the "
-                "unwrapped module and let the commlmo optimizer do the communication. Nothing was sent.")
+                f"the model runs inside {self._ddp_seen}, which all-reduces every gradient in float32 during "
+                "backward, and commlmo aggregates it again: gradients cross the wire twice (and compression is "
+                "defeated). Either do not wrap the model (call backward on the unwrapped module), or turn DDP's "
+                "reduction off: commlmo.integrations.turn_off_ddp_reduction(ddp_model), or the recipe of your "
+                "framework in docs/integrations.md (HF Trainer, accelerate, Lightning, Fabric). no_sync() only "
+                "turns it off when the forward runs inside it too (DDP decides at forward time). Nothing was sent.")
 
     def _step_rules(self) -> list[Any]:
         """Each param group's rule for this step (its ``betas`` applied), after checking ``momentum``."""
@@ -813,7 +900,15 @@ class CommOptimizer(torch.optim.Optimizer):
         The same facts also travel inside ``state`` (each group's generators, under
         its first parameter) and ``param_groups`` (``"commlmo"``: config fingerprint,
         step count, shapes), which is all ``torch.distributed.checkpoint`` keeps.
+
+        The state is this rank's: each worker's momentum, EF21's ``g_i`` and error-feedback
+        memories differ by rank, and ``load_state_dict`` on another rank refuses it.  After
+        :meth:`consolidate_state_dict` (a collective, on every rank) and until
+        the next step, ``"commlmo"`` also holds every other rank's entries that differ from
+        this one's (``ranks``, and which entries those are, ``rank_keys``), so the one file a
+        framework writes from one rank resumes every rank.
         """
+        self._bind_to_process_group(strict=False)
         sd = super().state_dict()
         fingerprint = _config_fingerprint(self.config)
         sd["commlmo"] = {
@@ -826,6 +921,10 @@ class CommOptimizer(torch.optim.Optimizer):
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
         }
+        parts = getattr(self, "_rank_parts", None)
+        if parts is not None and parts["at"] == self._state_version():
+            sd["commlmo"]["rank_keys"] = parts["rank_keys"]
+            sd["commlmo"]["ranks"] = {r: part for r, part in parts["ranks"].items() if r != self.comm.rank}
         state = sd["state"] = dict(sd["state"])
         owners: dict[int, int] = {}
         for i, (rt, g) in enumerate(zip(self._runtimes, sd["param_groups"])):
@@ -837,6 +936,61 @@ class CommOptimizer(torch.optim.Optimizer):
                 gens = rt.generators.state()
                 state[pid] = {**state.get(pid, {}), _GEN_KEYS[0]: gens["shared"], _GEN_KEYS[1]: gens["local"]}
         return sd
+
+    def consolidate_state_dict(self, to: int | None = 0) -> None:
+        """Collect every rank's per-rank state on rank ``to`` (every rank when ``None``); call it on every rank.
+
+        torch's convention for an optimizer whose state is spread over ranks
+        (``ZeroRedundancyOptimizer.consolidate_state_dict``), which Lightning and Fabric
+        call on every rank before the global rank 0 saves.  Until the next step,
+        :meth:`state_dict` on rank ``to`` then also holds, for every other rank, its
+        entries that differ from this rank's (entries bitwise equal on every rank are
+        kept once), and :meth:`load_state_dict` of that one file on rank ``r`` takes
+        rank ``r``'s back.  Rank ``to`` holds about ``world_size`` times its own
+        per-rank state (in CPU memory) until then.  Not counted in :attr:`bytes`: it is
+        checkpoint traffic, not a step's.
+        """
+        inner = self.__dict__.get("_optimizer")
+        if isinstance(inner, CommOptimizer) and inner is not self:  # Fabric's wrapper, which imitates our class
+            return inner.consolidate_state_dict(to)
+        self._bind_to_process_group(strict=False)
+        world, rank = self.comm.world_size, self.comm.rank
+        own = self.state_dict()["state"]
+        entries = {(pid, key): v for pid, st in own.items() for key, v in st.items()}
+        digests = {k: _digest(v) for k, v in entries.items()}
+        group = getattr(self.comm, "group", None)
+        if world > 1 and group is None:
+            raise DistributedError(f"consolidate_state_dict needs a torch.distributed process group; this "
+                                   f"optimizer runs on {self.comm.describe()}")
+        everyone: list[Any] = [digests]
+        if world > 1:
+            everyone = [None] * world
+            dist.all_gather_object(everyone, digests, group=group)
+        varying = {k for k in set().union(*everyone) if any(d.get(k) != everyone[0].get(k) for d in everyone)}
+        mine: dict[int, dict[str, Any]] = {}
+        for pid, key in varying:
+            if (pid, key) in entries:
+                v = entries[(pid, key)]
+                mine.setdefault(pid, {})[key] = v.detach().cpu() if isinstance(v, Tensor) else v
+        parts: list[Any] = [mine]
+        if world > 1:
+            if to is None:
+                parts = [None] * world
+                dist.all_gather_object(parts, mine, group=group)
+            else:
+                parts = [None] * world if rank == to else None  # type: ignore[assignment]
+                dist.gather_object(mine, parts, dst=dist.get_global_rank(group, to), group=group)
+        if to is not None and rank != to:
+            self._rank_parts = None
+            return
+        rank_keys: dict[int, list[str]] = {}
+        for pid, key in sorted(varying, key=str):
+            rank_keys.setdefault(pid, []).append(key)
+        self._rank_parts = {"at": self._state_version(), "rank_keys": rank_keys, "ranks": dict(enumerate(parts))}
+
+    def _state_version(self) -> tuple:
+        """What :meth:`consolidate_state_dict`'s collection is valid for: the step counts and layout."""
+        return self.steps, self.skipped_steps, tuple(len(g["params"]) for g in self.param_groups)
 
     def _refusal(self, extra: dict[str, Any]) -> str | None:
         """Why a saved state does not fit this optimizer, or ``None``."""
@@ -856,17 +1010,40 @@ class CommOptimizer(torch.optim.Optimizer):
         gens = extra.get("generators", ())
         if len(gens) != len(self._runtimes) or any(g is None for g in gens):
             return f"it has {len(gens)} commlmo groups, this optimizer has {len(self._runtimes)}"
+        saved_rank, rank = extra.get("rank"), self.comm.rank
+        if saved_rank is not None and saved_rank != rank:
+            held = sorted({saved_rank, *(extra.get("ranks") or ())})
+            return (f"it holds the per-rank state of rank(s) {held} (saved by rank {saved_rank} of "
+                    f"{extra.get('world_size')}), not of rank {rank}: each worker's momentum, error-feedback memories "
+                    "and random streams differ by rank, so this rank would silently continue from another's. Call "
+                    "opt.consolidate_state_dict() on every rank before rank 0 calls "
+                    "state_dict() (the framework recipes in docs/integrations.md do), or save one file per rank")
         return None
 
     @staticmethod
-    def _unpack(state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    def _unpack(state_dict: dict[str, Any], rank: int | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """``(torch's state dict, commlmo's facts)``: the facts from ``"commlmo"``, or rebuilt from what
-        :meth:`state_dict` put into ``state`` and ``param_groups`` (a ``torch.distributed.checkpoint`` load)."""
+        :meth:`state_dict` put into ``state`` and ``param_groups`` (a ``torch.distributed.checkpoint`` load).
+
+        When the facts hold the gathered state of ``rank`` (another rank saved it), ``state``
+        becomes that rank's: the entries equal on every rank, then ``rank``'s own.
+        """
         sd = dict(state_dict)
         extra = sd.pop("commlmo", None)
+        raw = dict(sd.get("state", {}))
+        if isinstance(extra, Mapping) and rank is not None and extra.get("rank") != rank \
+                and rank in (extra.get("ranks") or {}):
+            differs, own = extra.get("rank_keys") or {}, extra["ranks"][rank]
+            mine = {}
+            for pid in [*raw, *(k for k in own if k not in raw)]:
+                entry = {k: v for k, v in dict(raw.get(pid) or {}).items() if k not in differs.get(pid, ())}
+                entry.update(own.get(pid) or {})
+                if entry:
+                    mine[pid] = entry
+            raw, extra = mine, {**extra, "rank": rank, "generators": None}  # this rank's generators: from `state`
         groups = [dict(g) for g in sd.get("param_groups", [])]
         embedded = [g.pop("commlmo", None) for g in groups]
-        state = {k: dict(v) if isinstance(v, Mapping) else v for k, v in dict(sd.get("state", {})).items()}
+        state = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
         generators: dict[Any, dict[str, Tensor]] = {}
         for k, v in list(state.items()):
             if isinstance(v, dict) and _GEN_KEYS[0] in v:
@@ -874,20 +1051,28 @@ class CommOptimizer(torch.optim.Optimizer):
                 if not v:
                     del state[k]
         sd["param_groups"], sd["state"] = groups, state
-        if extra is None and groups and all(isinstance(e, Mapping) for e in embedded):
-            e0 = embedded[0]
-            gens = []
+        gens: list[Any] = []
+        if groups and all(isinstance(e, Mapping) for e in embedded):
             for e in embedded:
                 owner = groups[e.get("generators_in", 0)] if e.get("generators_in", 0) < len(groups) else None
                 gens.append(generators.get(owner["params"][0]) if owner and owner.get("params") else None)
+        if extra is None and gens:
+            e0 = embedded[0]
             extra = {"generators": gens, "groups": [g.get("group") for g in groups], "config": e0.get("config"),
                      "shapes": [e.get("shapes") for e in embedded], "steps": e0.get("steps", 0),
                      "world_size": e0.get("world_size"), "rank": e0.get("rank")}
+        elif isinstance(extra, Mapping) and extra.get("generators", ()) is None:
+            extra = {**extra, "generators": gens}
         return sd, extra
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved; refuse (changing nothing) a state of another config or model."""
-        state_dict, extra = self._unpack(state_dict)
+        """Restore what :meth:`state_dict` saved; refuse (changing nothing) a state of another config or model,
+        or of another rank (unless it holds this rank's: :meth:`consolidate_state_dict`).
+
+        An optimizer built before the process group binds to it first, so that it knows its rank.
+        """
+        self._bind_to_process_group(strict=True)
+        state_dict, extra = self._unpack(state_dict, self.comm.rank)
         if extra is None:
             raise ConfigError("this state_dict was not saved by a commlmo optimizer (no 'commlmo' entry)")
         why = self._refusal(extra)
@@ -919,6 +1104,7 @@ class CommOptimizer(torch.optim.Optimizer):
                 rt.generators.load(gs)
             raise ConfigError(f"cannot load this optimizer state: {type(exc).__name__}: {exc}; nothing was changed") from None
         self.steps, self.skipped_steps = extra.get("steps", 0), extra.get("skipped_steps", 0)
+        self._rank_parts = None
 
 
 def build_optimizer(
