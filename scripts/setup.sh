@@ -9,5 +9,6 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install --quiet "torch==2.13.0"
 fi
 # The optimizer alone needs torch, numpy, pydantic and PyYAML; the extras add the training harness
-# (train), the plugin contract kit (testing), the test runner (test) and the docs (docs).
-"$PY" -m pip install --quiet -e ".[train,testing,test,docs]"
+# (train), the plugin contract kit (testing), the test runner (test), the docs (docs) and the
+# frameworks of commlmo.integrations (integrations: HF transformers, accelerate, Lightning, torchtitan).
+"$PY" -m pip install --quiet -e ".[train,testing,test,docs,integrations]"
