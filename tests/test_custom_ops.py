@@ -214,3 +214,17 @@ def test_call_routes_subclasses_to_the_kernel_and_fakes_to_the_op(monkeypatch):
         torch.zeros(3))
     monkeypatch.setattr(_native, "dispatches_itself", lambda t: True)
     assert _native.call(op, kernel, torch.zeros(3, device="meta")) == "kernel"
+
+
+@pytest.mark.parametrize("config", COMPRESSORS, ids=str)
+def test_cpu_kernels_allocate_on_the_cpu_under_a_default_device(config):
+    """``with torch.device(...)`` changes where a bare ``torch.empty`` allocates: a C kernel writing
+    through such a pointer would crash, so the kernels name the CPU for their outputs."""
+    c, x = build_plugin("compressor", config), torch.randn(512, 256, generator=_gen(3))
+    want = c.compress(x, generator=_gen(4))
+    with torch.device("meta"):
+        got = c.compress(x, generator=_gen(4))
+        target = torch.zeros(512, 256, device="cpu")
+        c.decompress_add_(target, got)
+    assert all(torch.equal(a, b) for a, b in zip(want.wire, got.wire))
+    assert torch.equal(target, c.decompress_add_(torch.zeros(512, 256), want))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 from commlmo_compressors import _native, _triton
+from commlmo_compressors._native import CPU as _CPU
 from torch import Tensor
 
 __all__ = ["vote_words", "unpack_bits"]
@@ -72,8 +73,8 @@ def _vote_cpu(rows: Tensor, tie_bits: Tensor | None, want_ties: bool) -> tuple[T
         return _vote_torch(rows, tie_bits, want_ties)
     m, w = rows.shape
     _need_tie_bits(m, tie_bits, want_ties)
-    out = torch.empty(w, dtype=torch.int64)
-    ties = torch.empty(w if want_ties and m % 2 == 0 else 0, dtype=torch.int64)
+    out = torch.empty(w, dtype=torch.int64, device=_CPU)
+    ties = torch.empty(w if want_ties and m % 2 == 0 else 0, dtype=torch.int64, device=_CPU)
     lib.vote_words_i64(rows.data_ptr(), m, w, None if tie_bits is None else tie_bits.data_ptr(), out.data_ptr(),
                        ties.data_ptr() if ties.numel() else None, _native.num_threads(rows.numel()))
     return out, ties

@@ -169,6 +169,10 @@ def available(*tensors: torch.Tensor) -> ctypes.CDLL | None:
     return kernels()
 
 
+#: where the kernels' outputs are allocated, named explicitly: under ``with torch.device(...)`` a bare
+#: ``torch.empty`` would land on that device and the kernel would write through a foreign pointer
+CPU = torch.device("cpu")
+
 _PARALLEL_MIN_NUMEL = 1 << 16  # below this, waking a thread costs more than it saves
 
 

@@ -37,6 +37,7 @@ from torch import Tensor
 from commlmo.plugin import inputs_known_finite
 
 from . import _native, _triton
+from ._native import CPU as _CPU
 from ._common import NonFiniteInputError, counter_hash, draw_key_tensor
 
 __all__ = [
@@ -107,14 +108,14 @@ def _pack_cpu(x: Tensor, key: Tensor, mode: int) -> tuple[Tensor, Tensor]:
     flat = x.reshape(-1).contiguous()
     lib = _native.available(flat) if flat.dtype in (torch.float32, *_INF_BITS) else None
     if lib is not None:
-        packed = torch.empty(packed_nbytes(flat.numel()), dtype=torch.uint8)
+        packed = torch.empty(packed_nbytes(flat.numel()), dtype=torch.uint8, device=_CPU)
         zeros = ctypes.c_int64(0)
         args = (mode, *key.tolist(), ctypes.addressof(zeros), _native.num_threads(flat.numel()))
         if flat.dtype == torch.float32:
             bad = lib.pack_signs_f32(flat.data_ptr(), flat.numel(), packed.data_ptr(), *args)
         else:
             bad = lib.pack_signs_16(flat.data_ptr(), flat.numel(), packed.data_ptr(), _INF_BITS[flat.dtype], *args)
-        return packed, torch.tensor([bad, zeros.value])
+        return packed, torch.tensor([bad, zeros.value], device=_CPU)
     return _pack_twin(flat, key, mode)
 
 

@@ -11,6 +11,7 @@ from torch import Tensor
 from commlmo.plugin import CompressorCapabilities, Payload, PluginConfig, inputs_known_finite
 
 from . import _native
+from ._native import CPU as _CPU
 from ._common import (
     LayoutCompressor,
     NonFiniteInputError,
@@ -103,11 +104,11 @@ def _encode_cpu(flat: Tensor, key: Tensor, max_code: int) -> tuple[Tensor, Tenso
     n = flat.numel()
     lib = _native.available(flat)
     if lib is not None:
-        codes = torch.empty(n, dtype=torch.uint8)
-        signs = torch.empty(packed_nbytes(n), dtype=torch.uint8)
+        codes = torch.empty(n, dtype=torch.uint8, device=_CPU)
+        signs = torch.empty(packed_nbytes(n), dtype=torch.uint8, device=_CPU)
         bad = lib.natural_f32(flat.data_ptr(), n, *key.tolist(), max_code, codes.data_ptr(), signs.data_ptr(),
                               _native.num_threads(n))
-        return codes, signs, torch.tensor(bad)
+        return codes, signs, torch.tensor(bad, device=_CPU)
     finite = n == 0 or bool(torch.isfinite(flat.sum()))
     bad = 0 if finite else int((~torch.isfinite(flat)).sum())
     k1, k2 = key.tolist()
@@ -147,7 +148,7 @@ def _decode_cpu(codes: Tensor, signs: Tensor) -> Tensor:
     lib = _native.available(codes, signs)
     if lib is None:
         return _decode_device(codes, signs)
-    values = torch.empty(codes.numel(), dtype=torch.float32)
+    values = torch.empty(codes.numel(), dtype=torch.float32, device=_CPU)
     lib.natural_decode_f32(codes.data_ptr(), signs.data_ptr(), codes.numel(), values.data_ptr(),
                            _native.num_threads(codes.numel()))
     return values

@@ -12,6 +12,7 @@ from torch import Tensor
 from commlmo.plugin import CompressorCapabilities, Payload, PluginConfig
 
 from . import _native
+from ._native import CPU as _CPU
 from ._common import (
     LayoutCompressor,
     NonFiniteInputError,
@@ -217,7 +218,7 @@ def _xq_cpu(x: Tensor, v: Tensor) -> Tensor:
     if lib is None:
         return x @ v
     vt = v.T.contiguous()
-    out = torch.empty(x.shape[0], v.shape[1])
+    out = torch.empty(x.shape[0], v.shape[1], device=_CPU)
     lib.xq_f32(x.data_ptr(), x.shape[0], x.shape[1], vt.data_ptr(), v.shape[1], out.data_ptr(),
                _native.num_threads(x.numel()))
     return out
@@ -228,7 +229,7 @@ def _xtp_cpu(x: Tensor, u: Tensor) -> Tensor:
     if lib is None:
         return u.T @ x
     u, threads = u.contiguous(), _native.num_threads(x.numel())
-    parts = torch.zeros(threads, u.shape[1], x.shape[1])  # one accumulator per thread, summed here
+    parts = torch.zeros(threads, u.shape[1], x.shape[1], device=_CPU)  # one accumulator per thread, summed here
     lib.xtp_f32(x.data_ptr(), x.shape[0], x.shape[1], u.data_ptr(), u.shape[1], parts.data_ptr(), threads)
     return parts.sum(0)
 
@@ -239,8 +240,8 @@ def _xq_xtp_cpu(x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         p = x @ v
         return p, p.T @ x
     vt, threads = v.T.contiguous(), _native.num_threads(x.numel())
-    p = torch.empty(x.shape[0], v.shape[1])
-    parts = torch.zeros(threads, v.shape[1], x.shape[1])
+    p = torch.empty(x.shape[0], v.shape[1], device=_CPU)
+    parts = torch.zeros(threads, v.shape[1], x.shape[1], device=_CPU)
     lib.xq_xtp_f32(x.data_ptr(), x.shape[0], x.shape[1], vt.data_ptr(), v.shape[1], p.data_ptr(),
                    parts.data_ptr(), threads)
     return p, parts.sum(0)

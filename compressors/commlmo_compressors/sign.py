@@ -11,6 +11,7 @@ from torch import Tensor
 from commlmo.plugin import CompressorCapabilities, Payload, PluginConfig
 
 from . import _native
+from ._native import CPU as _CPU
 from ._common import LayoutCompressor, WireLayout, dense_nbytes, draw_key
 from .bits import add_packed_signs_, pack_signs, packed_nbytes, unpack_signs
 
@@ -148,7 +149,7 @@ def _block_means_cpu(blocks: Tensor) -> Tensor:
     else:
         threads = _native.num_threads(blocks.numel())
         sums = torch.tensor([lib.abs_sum_f32(row.data_ptr(), row.numel(), threads) for row in blocks],
-                            dtype=torch.float64)
+                            dtype=torch.float64, device=_CPU)
     return (sums / blocks.shape[1]).to(torch.float32)
 
 

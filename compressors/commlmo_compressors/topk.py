@@ -13,6 +13,7 @@ from torch import Tensor
 from commlmo.plugin import CompressorCapabilities, Payload, PluginConfig, inputs_known_finite
 
 from . import _native
+from ._native import CPU as _CPU
 from ._common import (
     KSpec,
     LayoutCompressor,
@@ -196,7 +197,7 @@ def _sample_indices(n: int, device: torch.device) -> Tensor:
         if len(_samples) > 256:
             _samples.clear()
         gen = torch.Generator().manual_seed(n)
-        _samples[key] = torch.randint(0, n, (_SAMPLE,), generator=gen).to(device)
+        _samples[key] = torch.randint(0, n, (_SAMPLE,), generator=gen, device=_CPU).to(device)
     return _samples[key]
 
 
@@ -228,7 +229,7 @@ def _topk_cpu(flat: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     lib = _native.available(flat) if flat.dtype == torch.float32 else None
     if lib is not None:
         idx, values = _native_topk(lib, flat, threshold, k, math.ceil(2 * flat.numel() * rank / _SAMPLE))
-        return idx, values, torch.tensor(0)
+        return idx, values, torch.tensor(0, device=_CPU)
     check_finite(flat, "topk compressor")
     while True:
         cand = (flat.abs() >= threshold).nonzero().squeeze(1)
@@ -290,10 +291,11 @@ def _native_topk(lib, flat: Tensor, threshold: float, k: int, expected: int) -> 
     threads = _native.num_threads(flat.numel())
     cap = expected // threads + 4096
     while True:
-        cidx = torch.empty(threads * cap, dtype=torch.int64)
-        ckey = torch.empty(threads * cap, dtype=torch.int32)
-        counts = torch.zeros(threads, dtype=torch.int64)
-        oidx, oval = torch.empty(k, dtype=torch.int64), torch.empty(k, dtype=torch.float32)
+        cidx = torch.empty(threads * cap, dtype=torch.int64, device=_CPU)
+        ckey = torch.empty(threads * cap, dtype=torch.int32, device=_CPU)
+        counts = torch.zeros(threads, dtype=torch.int64, device=_CPU)
+        oidx = torch.empty(k, dtype=torch.int64, device=_CPU)
+        oval = torch.empty(k, dtype=torch.float32, device=_CPU)
         bad = ctypes.c_int64(0)
         total = lib.topk_abs_f32(flat.data_ptr(), flat.numel(), threshold, k, cidx.data_ptr(), ckey.data_ptr(),
                                  cap, counts.data_ptr(), oidx.data_ptr(), oval.data_ptr(), ctypes.addressof(bad),
