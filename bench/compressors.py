@@ -115,7 +115,7 @@ def run(reps: int, device: torch.device = torch.device("cpu"), side: int = N_SID
                  "(it is exact by construction: candidates above a sampled threshold, then exact top-k)")
     blocked = build_plugin("compressor", {"kind": "topk", "k": 0.01, "selection": "blocked", "blocks": 64})
     add("topk k=1%, blocked (64 blocks)", lambda: blocked.compress(x), "read", None, reps=max(2, reps // 3))
-    kept = set(blocked.compress(x).wire[1].long().tolist())
+    kept = set(blocked.indices(blocked.compress(x)).tolist())  # the wire holds block-local indices
     notes.append(f"blocked top-k (64 blocks) shares {len(kept & exact) / len(exact):.2%} of the global top-k set")
     topk5 = build_plugin("compressor", {"kind": "topk", "k": 0.05})
     add("topk k=5% (threshold selection)", lambda: topk5.compress(x), "read", None)

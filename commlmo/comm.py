@@ -306,11 +306,11 @@ class _Hub:
 
     def __init__(self, world_size: int):
         self.world_size = world_size
-        self.slots: list[Tensor | None] = [None] * world_size
+        self.slots: list[Any] = [None] * world_size
         self.barrier = threading.Barrier(world_size)
 
-    def exchange(self, rank: int, t: Tensor) -> list[Tensor]:
-        self.slots[rank] = t.clone()
+    def exchange(self, rank: int, t: Any) -> list[Any]:
+        self.slots[rank] = t.clone() if isinstance(t, Tensor) else t
         self.barrier.wait()
         everyone = list(self.slots)  # type: ignore[arg-type]
         self.barrier.wait()  # nobody overwrites a slot before all have read it
@@ -346,13 +346,13 @@ class SimulatedComm(Communicator):
         return torch.cat([p.view(self.world_size, -1)[self.rank] for p in parts])
 
     def _all_to_all_v(self, t: Tensor, send: list[int], recv: list[int]) -> Tensor:
-        sends = self._hub.exchange(self.rank, torch.tensor(send, dtype=torch.int64))
+        sends = self._hub.exchange(self.rank, list(send))
         parts = self._hub.exchange(self.rank, t)
         out = []
         for r, (part, sizes) in enumerate(zip(parts, sends)):
-            start = int(sizes[:self.rank].sum())
-            if int(sizes[self.rank]) != recv[r]:
-                raise DistributedError(f"all_to_all_v: rank {r} sends {int(sizes[self.rank])} elements to rank "
+            start = sum(sizes[:self.rank])
+            if sizes[self.rank] != recv[r]:
+                raise DistributedError(f"all_to_all_v: rank {r} sends {sizes[self.rank]} elements to rank "
                                        f"{self.rank}, which expects {recv[r]}")
             out.append(part[start:start + recv[r]])
         return torch.cat(out)

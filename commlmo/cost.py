@@ -20,7 +20,7 @@ owner server role              rank r: the payloads of the parameters it does no
                                ``M-1`` times the downlink messages of those it owns
 =============================  ==============================================================
 
-plus the step's agreement (``2(M-1)/M (1 + parameters)`` bytes) and, at the first step,
+plus the step's agreement (``2(M-1)/M (4 + parameters)`` bytes: four flags and one per parameter) and, at the first step,
 the layout check and each replicated group's agreement check.  ``tests/test_cost_model.py``
 checks that this equals what the optimizer handed to its collectives, byte for byte, for
 every transport and every preset, at ``M = 2..8``; ``bench/scale.py`` uses it to project
@@ -35,10 +35,14 @@ from typing import Any
 
 import torch
 
+from .optimizer import _FLAGS
 from .owner import _down_nbytes, assign_owners, choose_server, owner_problem, owners_by_size
 from .transport import bytes_per_rank
 
 __all__ = ["step_bytes", "every_rank", "mean_bytes", "server_role"]
+
+#: the flag bytes of the step's agreement before its one byte per parameter
+AGREEMENT_FLAGS = len(_FLAGS)
 
 
 def _mean_cost(transport: str, pieces: list[tuple[torch.dtype, int]], m: int) -> tuple[int, int]:
@@ -119,8 +123,8 @@ def every_rank(opt: Any, *, step: int | None = None, world_size: int | None = No
             row[0] += per_rank if isinstance(per_rank, int) else per_rank[r]
             row[1] += calls
 
-    add("step_agreement", round(bytes_per_rank("allreduce", payload_bytes=1 + n_params, dense_entries=0,
-                                               world_size=m)), 1)
+    agreement = bytes_per_rank("allreduce", payload_bytes=AGREEMENT_FLAGS + n_params, dense_entries=0, world_size=m)
+    add("step_agreement", round(agreement), 1)
     if step == 0:  # the layout check: a [count, config hash] int64 head, then 10 int64 per parameter
         add("layout_check", (m - 1) * (2 + 10 * n_params) * 8, 2)
     roles = {id(rt): server_role(rt, m, world_size=opt.comm.world_size) for rt in opt._runtimes}

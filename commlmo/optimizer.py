@@ -64,10 +64,12 @@ __all__ = ["CommOptimizer", "build_optimizer", "named_parameters_of"]
 GROUP_KEYS = ("params", "param_names", "group", "lr", "weight_decay")
 #: the per-parameter state keys that carry each group's random generators in a state dict
 _GEN_KEYS = ("commlmo_generator_shared", "commlmo_generator_local")
-#: the bits of the flag byte in the step's agreement: 1 = a NaN/Inf gradient, 2 = a grad scaler found one
-#: (all ranks skip, whatever ``nonfinite`` says: the scaler backs off and retries); with ``overlap``, 4 = a
-#: gradient hook failed on some rank, 8 = a gradient changed after its bucket was sent (send again)
+#: the flags of the step's agreement, one byte each (the agreement takes their max over ranks), returned as
+#: bits: 1 = a NaN/Inf gradient, 2 = a grad scaler found one (all ranks skip, whatever ``nonfinite`` says: the
+#: scaler backs off and retries); with ``overlap``, 4 = a gradient hook failed on some rank, 8 = a gradient
+#: changed after its bucket was sent (send again)
 _NONFINITE, _SCALER_INF, _HOOK_ERROR, _RESEND = 1, 2, 4, 8
+_FLAGS = (_NONFINITE, _SCALER_INF, _HOOK_ERROR, _RESEND)
 
 
 def named_parameters_of(model_or_params: Any) -> list[tuple[str, Tensor]]:
@@ -253,20 +255,23 @@ class _DDPProbe:
         self._ref = None
 
 
-def _any_nonfinite(grads: list[Tensor], device: Any) -> Tensor:
-    """A 0-d bool: does any gradient hold a NaN or an Inf?
+def _maybe_nonfinite(grads: list[Tensor], device: Any) -> Tensor:
+    """A 0-d bool, with no host read: might a gradient hold a NaN or an Inf?
 
-    On the CPU, one sum per gradient (a finite sum proves every entry finite; only a
-    non-finite sum, NaN or an overflow of finite entries, is checked entry by entry): one
-    read instead of ``isfinite``'s read and write.  Elsewhere, branch-free (no host read).
+    One sum per gradient (one read, no full-size temporary): a finite sum proves every
+    entry finite; a non-finite one means a NaN or an Inf -- or finite entries whose sum
+    overflows, which :func:`_nonfinite` settles exactly, only then.
     """
     if not grads:
         return torch.zeros((), dtype=torch.bool, device=device)
-    if all(g.device.type == "cpu" for g in grads):
-        sums = torch.stack([g.sum() for g in grads])
-        if bool(torch.isfinite(sums).all()):
-            return torch.zeros((), dtype=torch.bool, device=device)
-    return torch.stack([torch.isfinite(g).all() for g in grads]).all().logical_not()
+    return torch.stack([g.sum().to(device) for g in grads]).isfinite().all().logical_not()
+
+
+def _nonfinite(grads: list[Tensor], device: Any) -> Tensor:
+    """A 0-d bool: does a gradient hold a NaN or an Inf (entry by entry)?"""
+    if not grads:
+        return torch.zeros((), dtype=torch.bool, device=device)
+    return torch.stack([torch.isfinite(g).all().to(device) for g in grads]).all().logical_not()
 
 
 class CommOptimizer(torch.optim.Optimizer):
@@ -679,26 +684,44 @@ class CommOptimizer(torch.optim.Optimizer):
                 raise ConfigError(f"parameter {name!r} of shape {tuple(p.shape)} has a gradient of shape {tuple(p.grad.shape)}")
 
     def _local_flag(self, grads: list[Tensor], device: Any) -> Tensor:
-        """This rank's flag byte (0, ``_NONFINITE`` or ``_SCALER_INF``), as a tensor: no host read on accelerators.
+        """This rank's flags (``_FLAGS``, one uint8 each) as a tensor: no host read.
 
         Under ``torch.amp.GradScaler`` the scaler's own ``found_inf`` is the flag, and gradients
         still scaled (``grad_scale``) are unscaled here first.
         """
+        flags = torch.zeros(len(_FLAGS), dtype=torch.uint8, device=device)
         found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
         if isinstance(grad_scale, Tensor):  # GradScaler.step without unscale_: the gradients are still scaled
             inv = grad_scale.double().reciprocal().float()
             for g in grads:
                 g.mul_(inv.to(g.device))
         if isinstance(found_inf, Tensor):
-            return (found_inf.reshape(1).to(device) > 0).to(torch.uint8) * _SCALER_INF
-        return _any_nonfinite(grads, device).reshape(1).to(torch.uint8) * _NONFINITE
+            flags[1] = (found_inf.reshape(()).to(device) > 0).to(torch.uint8)
+        else:
+            flags[0] = _maybe_nonfinite(grads, device).to(torch.uint8)
+        return flags
 
-    def _agree(self, entries: list[tuple[str, Tensor]], flag: Tensor, present: list[bool]) -> list[int]:
-        """The step's one agreement collective: the max over ranks of ``[flag, present...]``, read once."""
+    def _agree(self, entries: list[tuple[str, Tensor]], flag: Tensor, present: list[bool],
+               extra: int = 0) -> tuple[int, list[int]]:
+        """The step's one agreement collective: the max over ranks of ``[flags..., present...]``, read once.
+
+        Returns ``(bits, present anywhere)``; ``extra`` are this rank's own bits besides ``flag``'s.  That
+        read is the step's one host synchronisation.  When a gradient *might* be non-finite (a sum
+        was), every rank checks entry by entry and agrees once more: a sum that overflowed over
+        finite entries is not a reason to skip.
+        """
         device = entries[0][1].device if entries else "cpu"
-        flags = torch.cat([flag.to(device), torch.tensor(present, dtype=torch.uint8, device=device)])
+        mine = flag.to(device) | torch.tensor([bool(extra & f) for f in _FLAGS], dtype=torch.uint8, device=device)
+        flags = torch.cat([mine, torch.tensor(present, dtype=torch.uint8, device=device)])
         self.comm.all_max_(flags, label="step_agreement")
-        return flags.tolist()
+        out = flags.tolist()
+        if out[0]:
+            grads = [p.grad for _, p in entries if p.grad is not None]
+            again = _nonfinite(grads, device).reshape(1).to(torch.uint8)
+            self.comm.all_max_(again, label="step_agreement")
+            out[0] = int(again.tolist()[0])
+        n = len(_FLAGS)
+        return sum(f for f, on in zip(_FLAGS, out[:n]) if on), out[n:]
 
     def _agree_on_gradients(self, entries: list[tuple[str, Tensor]]) -> int:
         """One small collective: do all ranks have finite gradients, and which parameters have one?
@@ -711,10 +734,10 @@ class CommOptimizer(torch.optim.Optimizer):
         self._check_grads(entries)
         device = entries[0][1].device if entries else "cpu"
         flag = self._local_flag([p.grad for _, p in entries if p.grad is not None], device)
-        flags = self._agree(entries, flag, [p.grad is not None for _, p in entries])
-        if flags[0]:
-            return flags[0]
-        for (_, p), anywhere in zip(entries, flags[1:]):
+        bits, present = self._agree(entries, flag, [p.grad is not None for _, p in entries])
+        if bits:
+            return bits
+        for (_, p), anywhere in zip(entries, present):
             if anywhere and p.grad is None:
                 p.grad = torch.zeros_like(p)
         return 0
@@ -854,15 +877,15 @@ class CommOptimizer(torch.optim.Optimizer):
             (id(p.grad), p.grad._version) != v for b in steps[:ov.next] if b is not None
             for p, v in zip(b.params, b.versions) if p.grad is not None)
         extra = (_HOOK_ERROR if errors else 0) | (_RESEND if changed else 0)
-        flags = self._agree(entries, flag | extra, present)
-        if flags[0]:
+        bits, anywhere = self._agree(entries, flag, present, extra)
+        if bits:
             self._drain(steps)
-            if flags[0] & _HOOK_ERROR:
+            if bits & _HOOK_ERROR:
                 if errors:
                     raise errors[0]
                 raise DistributedError("another rank failed while preparing a bucket in a gradient hook; no "
                                        "parameter or state changed")
-            if flags[0] & _RESEND:
+            if bits & _RESEND:
                 ov.last_resent = True
                 if changed:
                     ov.warn_stale("gradients changed after their bucket was sent (gradient accumulation outside "
@@ -873,10 +896,10 @@ class CommOptimizer(torch.optim.Optimizer):
                     return None
                 return [b for b in (self._launch_bucket(bk, zero_fill=False) for bk in self._buckets)
                         if b is not None], []
-            self._skip(flags[0], None, sent=True)
+            self._skip(bits, None, sent=True)
             return None
         # sent as zeros where nobody had a gradient: those parameters are left untouched
-        return [b for b in steps if b is not None], [p for (_, p), anywhere in zip(entries, flags[1:]) if not anywhere]
+        return [b for b in steps if b is not None], [p for (_, p), there in zip(entries, anywhere) if not there]
 
     @contextlib.contextmanager
     def _kept(self, params: list[Tensor]) -> Iterator[None]:

@@ -52,6 +52,8 @@ __all__ = [
     "as_matrix",
     "finite_inputs",
     "inputs_known_finite",
+    "host_reads_free",
+    "as_if_on_accelerator",
 ]
 
 #: plugin family -> entry-point group
@@ -141,6 +143,30 @@ def finite_inputs() -> Iterator[None]:
 def inputs_known_finite() -> bool:
     """Whether the caller declared its inputs finite (:func:`finite_inputs`)."""
     return _FINITE_INPUTS.get()
+
+
+_AS_IF_ACCELERATOR = False
+
+
+def host_reads_free(t: Tensor) -> bool:
+    """Whether reading a value of ``t`` on the host costs no device synchronisation (a CPU tensor).
+
+    Code with a cheaper path that branches on a value (a finiteness check, a count) takes it
+    only then, and a branch-free one elsewhere; :func:`as_if_on_accelerator` makes every tensor
+    take the branch-free path, so a CPU test can count what an accelerator would synchronise on.
+    """
+    return t.device.type == "cpu" and not _AS_IF_ACCELERATOR
+
+
+@contextlib.contextmanager
+def as_if_on_accelerator() -> Iterator[None]:
+    """Inside the block, :func:`host_reads_free` is false for every tensor (all threads; for tests)."""
+    global _AS_IF_ACCELERATOR
+    saved, _AS_IF_ACCELERATOR = _AS_IF_ACCELERATOR, True
+    try:
+        yield
+    finally:
+        _AS_IF_ACCELERATOR = saved
 
 
 def as_matrix(x: Tensor) -> Tensor:

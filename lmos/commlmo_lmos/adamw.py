@@ -16,6 +16,7 @@ the optimizer state (``exp_avg``, ``exp_avg_sq``, ``adam_step``).
 
 from __future__ import annotations
 
+import weakref
 from typing import ClassVar, Literal
 
 import torch
@@ -50,11 +51,29 @@ class AdamW(Rule):
         exp_avg = state["exp_avg"].lerp(g, 1 - b1)
         exp_avg_sq = state["exp_avg_sq"].mul(b2).addcmul_(g, g, value=1 - b2)
         t = state["adam_step"] + 1
-        n = float(t)
+        n = _count(state["adam_step"]) + 1
+        _remember(t, n)
         bias1, bias2 = 1 - b1**n, 1 - b2**n
         denom = (exp_avg_sq.sqrt() / bias2**0.5).add_(self.config.eps)
         direction = Encoded(Payload((exp_avg, denom), {"bias1": bias1}), _QUOTIENT)
         return direction, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "adam_step": t}
+
+
+#: the value of each live ``adam_step`` tensor this process made, by id: the bias corrections need the count
+#: as a Python number, and reading it back from the tensor would be a host read per parameter and step
+_COUNTS: dict[int, tuple[weakref.ref, float]] = {}
+
+
+def _count(t: Tensor) -> float:
+    hit = _COUNTS.get(id(t))
+    if hit is not None and hit[0]() is t:
+        return hit[1]
+    return float(t)  # a tensor this process did not make (a loaded state): read it once
+
+
+def _remember(t: Tensor, n: float) -> None:
+    _COUNTS[id(t)] = (weakref.ref(t), n)
+    weakref.finalize(t, _COUNTS.pop, id(t), None)
 
 
 class _Quotient:

@@ -27,7 +27,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from commlmo.plugin import PluginConfig, Rule, RuleCapabilities
+from commlmo.plugin import PluginConfig, Rule, RuleCapabilities, host_reads_free
 
 from ._common import Beta
 
@@ -58,9 +58,12 @@ class Lion(Rule):
         zeros = update == 0
         if self.config.zero == "positive":
             update.masked_fill_(zeros, 1)
-        else:
+        elif host_reads_free(update):  # draw one coin per zero: the count is a free read on the CPU
             count = int(zeros.sum())
             if count:
                 coins = torch.randint(0, 2, (count,), generator=generator, device=update.device)
                 update[zeros] = (2 * coins - 1).to(update.dtype)
+        else:  # no host read: a coin for every entry, used where the entry is zero
+            coins = torch.randint(0, 2, update.shape, generator=generator, device=update.device)
+            update = torch.where(zeros, (2 * coins - 1).to(update.dtype), update)
         return update, {"lion_momentum": m.lerp(g, 1 - b2)}

@@ -30,6 +30,8 @@ from itertools import chain, repeat
 import torch
 from torch import Tensor
 
+from commlmo.plugin import host_reads_free
+
 __all__ = ["QuinticSchedule", "JORDAN", "POLAR_EXPRESS", "SCHEDULES", "newton_schulz"]
 
 Coefficients = tuple[float, float, float]
@@ -114,7 +116,7 @@ def newton_schulz(
     # first; elsewhere the result is the plain reduction's, bit for bit.  On the CPU the check
     # is a free host read; on an accelerator, and under torch.compile (where a host read is a
     # graph break), it is branch-free, so it never synchronises.
-    if norm.device.type == "cpu" and not torch.compiler.is_compiling():
+    if host_reads_free(norm) and not torch.compiler.is_compiling():
         if not bool(torch.isfinite(norm).all()):
             x, norm = _rescaled(x)
     else:

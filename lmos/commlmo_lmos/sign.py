@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from commlmo.plugin import LMO, LMOCapabilities, PluginConfig
+from commlmo.plugin import LMO, LMOCapabilities, PluginConfig, host_reads_free
 
 from ._common import accumulation_dtype
 
@@ -50,6 +50,9 @@ class Sign(LMO):
         zeros = d == 0
         if self.config.zero == "positive":
             return d.masked_fill_(zeros, 1)
+        if generator is not None and not host_reads_free(d):  # no host read: a coin for every entry
+            coins = torch.randint(0, 2, d.shape, generator=generator, device=generator.device).to(d.device)
+            return torch.where(zeros, (2 * coins - 1).to(d.dtype), d)
         count = int(zeros.sum())
         if count == 0:
             return d
