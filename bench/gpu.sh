@@ -27,8 +27,9 @@ DRY=${COMMLMO_GPU_DRYRUN:-0}
 PY=${PYTHON:-python3}
 SUMMARY=$DEST/summary.md
 STARTED=$SECONDS
-exec > >(tee "$DEST/gpu.log") 2>&1
 export PYTHONUNBUFFERED=1
+
+main() {
 
 if [ "$DRY" = 1 ]; then
   DEVICE=cpu; SIDE=256; BACKEND=gloo; WIDTH=64; LMO_ARGS=(--small); REPS=(--quick)
@@ -54,7 +55,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 if [ "$DRY" != 1 ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   "$PY" -c "import torch; print('torch', torch.__version__, 'built with CUDA', torch.version.cuda)"
-  nvidia-smi -L 2>&1 | head -3 || true
+  if command -v nvidia-smi >/dev/null; then nvidia-smi -L 2>&1 | head -3; else echo "(no nvidia-smi on the PATH)"; fi
   echo "ERROR: torch sees no CUDA device (torch.cuda.is_available() is False). Run on the GPU machine, with a" \
        "CUDA build of torch, or try the script here with COMMLMO_GPU_DRYRUN=1."
   exit 2
@@ -144,7 +145,9 @@ device = torch.device("cuda", 0) if device_kind == "cuda" else torch.device("cpu
 if device.type == "cuda":
     torch.cuda.set_device(device)
 sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-for preset in presets:
+
+
+def run_preset(preset: str) -> str:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(256, width), torch.nn.GELU(), torch.nn.Linear(width, width),
                                 torch.nn.GELU(), torch.nn.Linear(width, 10)).to(device)
@@ -170,10 +173,19 @@ for preset in presets:
     agree = bool((high - low).abs().max() == 0)
     on_device = all(p.device == device for p in model.parameters()) and all(
         t.device == device for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor))
+    return (f"{times[0] * 1e3:.1f} | {statistics.median(times[1:]) * 1e3:.1f} | {opt.bytes.step_sent} | "
+            f"{losses[0]:.3f} -> {losses[-1]:.3f} | {'yes' if agree else '**no**'} | "
+            f"{'yes' if on_device else '**no**'} |")
+
+
+for preset in presets:
+    try:
+        row = run_preset(preset)
+    except Exception as exc:  # noqa: BLE001 -- a refusal is a result: record it, try the next preset
+        row = f"**{type(exc).__name__}**: {str(exc).splitlines()[0][:100]} | | | | | |"
     if rank == 0:
-        print(f"| {backend} | {world} | {preset} | {times[0] * 1e3:.1f} | {statistics.median(times[1:]) * 1e3:.1f} | "
-              f"{opt.bytes.step_sent} | {losses[0]:.3f} -> {losses[-1]:.3f} | "
-              f"{'yes' if agree else '**no**'} | {'yes' if on_device else '**no**'} |", flush=True)
+        print(f"| {backend} | {world} | {preset} | {row}", flush=True)
+
 # every collective commlmo issues, in the dtypes its payloads use, on this backend (at one rank the presets
 # above skip their collectives: these still run through the backend)
 from commlmo.comm import TorchComm
@@ -267,3 +279,6 @@ done
 echo "== done in $((SECONDS - STARTED)) s; results in $DEST:"
 ls -1 "$DEST"
 echo "paste $SUMMARY into docs/benchmarks/gpu.md"
+}
+
+main 2>&1 | tee "$DEST/gpu.log"

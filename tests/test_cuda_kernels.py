@@ -213,7 +213,7 @@ for m in range(1, 8):
 """
 
 
-@pytest.mark.skipif(not TRITON, reason="triton is not installed")
+@pytest.mark.skipif(not TRITON or CUDA, reason="needs triton, and only matters without a GPU (which runs them)")
 def test_triton_kernels_match_the_cpu_kernels_in_the_interpreter():
     """Without a GPU, Triton's interpreter runs the kernels on CPU tensors (in a separate process:
     the interpreter is chosen when the kernels are defined).  It rounds float32 to bfloat16 by
