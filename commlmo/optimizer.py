@@ -57,6 +57,7 @@ from .overlap import Bucket, Overlap, plan_buckets
 from .pipeline import Adversary, BucketStep, GroupRuntime
 from .plugin import finite_inputs
 from .routing import parameter_roles, parameter_views, role_by_shape
+from .sharding import is_dtensor, plan_sharding, replicate_communicator
 
 __all__ = ["CommOptimizer", "build_optimizer", "named_parameters_of"]
 
@@ -304,6 +305,8 @@ class CommOptimizer(torch.optim.Optimizer):
     ):
         self.config, self.comm, self._adversary = config, comm, adversary
         named = list(named_params)
+        # FSDP2: DTensor parameters run on their local shards, the LMO gathered in the shard group (commlmo.sharding)
+        self._sharding = plan_sharding(named, comm, config)
         roles = dict(roles or {})
         overrides = dict(overrides or {})
         all_groups = config.all_groups()
@@ -326,6 +329,7 @@ class CommOptimizer(torch.optim.Optimizer):
                 continue
             rt = self._build_runtime(gcfg, gi, members, views=views, seed=config.seed, comm=comm,
                                      adversary=adversary)
+            rt.sharding = self._sharding
             for name, p in members:
                 self._check_member(rt, gcfg, name, p)
             runtimes[gi] = rt
@@ -472,10 +476,15 @@ class CommOptimizer(torch.optim.Optimizer):
             rt.server, rt.server_reason = "replicated", "configured"
         rt.owners = assign_owners(params, world_size) if rt.server == "owner" else []
 
-    @staticmethod
-    def _check_param(name: str, p: Tensor) -> None:
+    def _check_param(self, name: str, p: Tensor) -> None:
         if not isinstance(p, Tensor):
             raise ConfigError(f"parameter {name!r} is a {type(p).__name__}, not a tensor")
+        sharding = getattr(self, "_sharding", None)
+        if (is_dtensor(p) or sharding is not None) and (sharding is None or id(p) not in sharding.specs):
+            raise ConfigError(f"parameter {name!r}: an optimizer of FSDP-sharded (DTensor) parameters takes all of "
+                              "them when it is built, and nothing else; add_param_group cannot add a parameter to "
+                              "it or a DTensor to an optimizer of plain tensors. Build the optimizer again with "
+                              "every parameter")
         if p.is_complex():
             raise ConfigError(f"parameter {name!r} is complex ({p.dtype}); commlmo optimizes real tensors only")
         if not p.is_floating_point():
@@ -484,6 +493,8 @@ class CommOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _check_member(rt: GroupRuntime, gcfg: Any, name: str, p: Tensor) -> None:
         """Fail at build time, naming the parameter, for what would fail at step 1."""
+        if rt.sharding is not None:
+            rt.sharding.check_member(rt, gcfg, name, p)
         try:
             b, m, n = rt.block_shape(p)
         except ValueError as exc:
@@ -682,6 +693,12 @@ class CommOptimizer(torch.optim.Optimizer):
                 raise ConfigError(f"parameter {name!r} has a sparse gradient; commlmo needs dense gradients")
             if p.grad is not None and p.grad.shape != p.shape:
                 raise ConfigError(f"parameter {name!r} of shape {tuple(p.shape)} has a gradient of shape {tuple(p.grad.shape)}")
+            if p.grad is not None and is_dtensor(p) and (
+                    not is_dtensor(p.grad) or tuple(p.grad.placements) != tuple(p.placements)):
+                got = tuple(p.grad.placements) if is_dtensor(p.grad) else "a plain tensor"
+                raise DistributedError(
+                    f"parameter {name!r} is sharded {tuple(p.placements)}, its gradient is {got}: commlmo takes the "
+                    "gradient FSDP's reduce-scatter leaves after backward (set p.grad = None, not to another layout)")
 
     def _local_flag(self, grads: list[Tensor], device: Any) -> Tensor:
         """This rank's flags (``_FLAGS``, one uint8 each) as a tensor: no host read.
@@ -689,6 +706,9 @@ class CommOptimizer(torch.optim.Optimizer):
         Under ``torch.amp.GradScaler`` the scaler's own ``found_inf`` is the flag, and gradients
         still scaled (``grad_scale``) are unscaled here first.
         """
+        sharding = getattr(self, "_sharding", None)
+        if sharding is not None:  # FSDP2: each rank checks its rows, and the shard group agrees first
+            grads = sharding.local_grads(grads)
         flags = torch.zeros(len(_FLAGS), dtype=torch.uint8, device=device)
         found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
         if isinstance(grad_scale, Tensor):  # GradScaler.step without unscale_: the gradients are still scaled
@@ -699,7 +719,7 @@ class CommOptimizer(torch.optim.Optimizer):
             flags[1] = (found_inf.reshape(()).to(device) > 0).to(torch.uint8)
         else:
             flags[0] = _maybe_nonfinite(grads, device).to(torch.uint8)
-        return flags
+        return sharding.agree(flags) if sharding is not None else flags
 
     def _agree(self, entries: list[tuple[str, Tensor]], flag: Tensor, present: list[bool],
                extra: int = 0) -> tuple[int, list[int]]:
@@ -1135,6 +1155,7 @@ def build_optimizer(
     config: Any = "muon",
     *,
     process_group: Any = None,
+    mesh: Any = None,
     adversary: Adversary | None = None,
 ) -> CommOptimizer:
     """Build a :class:`CommOptimizer` for a model (or named parameters) from any config source.
@@ -1149,7 +1170,11 @@ def build_optimizer(
     ``config`` is anything :func:`commlmo.load_config` accepts: a preset name, a
     path, a mapping or an :class:`OptimizerConfig`.  ``process_group`` is a
     ``torch.distributed`` group (default: the world when initialised, else a
-    world of one), or a :class:`~commlmo.comm.Communicator`.  ``adversary``
+    world of one), or a :class:`~commlmo.comm.Communicator`.  Parameters sharded by
+    FSDP2's ``fully_shard`` (DTensors) run on their local shards (:mod:`commlmo.sharding`,
+    docs/fsdp.md): commlmo aggregates over the replicate dimension of ``mesh`` (the 2-D
+    ``(replicate, shard)`` mesh of HSDP whose ``shard`` dimension ``fully_shard`` used), or
+    over a world of one for plain FSDP2 (a 1-D mesh, or no ``mesh``).  ``adversary``
     makes this rank a Byzantine worker for robustness experiments: it sends
     ``flip``-ped, ``random`` or ``zero`` messages (see :func:`commlmo.pipeline.corrupt`).
     """
@@ -1177,7 +1202,8 @@ def build_optimizer(
         named_params = named_parameters_of(model_or_named_params)
     roles = parameter_roles(module) if module is not None else None
     views = parameter_views(module) if module is not None else None
-    opt = CommOptimizer(named_params, cfg, comm=make_communicator(process_group), adversary=adversary, roles=roles,
+    comm = replicate_communicator(named_params, mesh=mesh, process_group=process_group)
+    opt = CommOptimizer(named_params, cfg, comm=comm, adversary=adversary, roles=roles,
                         views=views, overrides=overrides)
     if module is not None:
         opt._watch(module)

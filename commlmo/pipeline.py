@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -47,6 +47,7 @@ from .comm import Communicator
 from .config import GroupConfig, MomentumConfig, ViewConfig
 from .errors import AggregatorOutputError
 from .plugin import LMO, Aggregator, Compressor, Encoded, LRRule, Payload, Rule
+from .sharding import shard_of
 from .streams import Generators, Streams
 from .transport import Started, mean_steps
 
@@ -113,14 +114,23 @@ def step_family(lmo: LMO | None, lmo_at: str, aggregator: Aggregator, downlink: 
 
 
 def block_directions(lmo: LMO, vectors: Sequence[Tensor], shapes: Sequence[tuple[int, int, int]],
-                     *, views: Sequence[str], generator: torch.Generator | None) -> list[Tensor]:
+                     *, views: Sequence[str], generator: torch.Generator | None,
+                     shards: Sequence | None = None) -> list[Tensor]:
     """The LMO of each vector seen through the group's view: ``B`` matrices of ``m x n`` each.
 
     With the ``matrix`` view the LMO gets the tensor itself (it views conv kernels as
     matrices); with ``stack``/``blocks`` every block is its own matrix, and all blocks of
     all tensors go to one :meth:`~commlmo.plugin.LMO.directions` call (batched where the
-    LMO batches equal shapes).
+    LMO batches equal shapes).  ``shards``: the :class:`~commlmo.sharding.ShardSpec` of
+    each vector that is a local shard of an FSDP parameter (``None`` for whole tensors);
+    an LMO that needs the whole matrix gets it from the shard group
+    (:func:`commlmo.sharding.sharded_directions`).
     """
+    if shards is not None and any(s is not None for s in shards):
+        from .sharding import sharded_directions
+
+        return sharded_directions(lmo, vectors, shapes, views=views, generator=generator, shards=shards,
+                                  plain=block_directions)
     if all(v == "matrix" for v in views) or not lmo.capabilities.accepts(2) or lmo.capabilities.elementwise:
         return lmo.directions(list(vectors), generator=generator)
     pieces: list[Tensor] = []
@@ -194,6 +204,7 @@ class GroupRuntime:
     members: list[Tensor] = field(default_factory=list)  # every parameter of the group, in order of arrival
     owners: list[int] = field(default_factory=list)  # owner rank of each member (owner role)
     views: dict = field(default_factory=dict)  # id(param) -> ViewConfig, for the group view "auto"
+    sharding: Any = None  # commlmo.sharding.Sharding when the parameters are DTensors (FSDP2)
     _codecs: dict = field(default_factory=dict)
     _positions: dict = field(default_factory=dict)
 
@@ -216,7 +227,10 @@ class GroupRuntime:
 
     # ------------------------------------------------------------------ plan
     def view_of(self, p: Tensor):
-        """The view of ``p``: the group's, or (``auto``) the one the module tree gave it."""
+        """The view of ``p``: the group's, or (``auto``) the one the module tree gave it (a local shard's: its spec's)."""
+        shard = shard_of(p)
+        if shard is not None:
+            return shard.view
         view = self.config.view
         if view.kind == "auto":
             return self.views.get(id(p), _MATRIX)
@@ -252,7 +266,10 @@ class GroupRuntime:
                                     dense_entries=entries)
 
     def lr_scale(self, p: Tensor, name: str, dual: float | None = None) -> float:
-        """The learning-rate multiplier of ``p`` (read on the block shape for stack/blocks views)."""
+        """The learning-rate multiplier of ``p`` (read on the block shape for stack/blocks views; for a local
+        shard, on the whole parameter)."""
+        shard = shard_of(p)
+        p = shard.param if shard is not None else p
         shape = p.shape if self.view_of(p).kind == "matrix" else torch.Size(self.block_shape(p)[1:])
         return self.lr_rule.scale(shape, lmo=self.lmo, step_family=self.family, dual_norm=dual, name=name)
 
@@ -292,6 +309,8 @@ class GroupRuntime:
         replaces the group's rule for this step (a scheduler changed its ``betas``)."""
         cfg = self.config
         rule = rule or self.rule
+        if self.sharding is not None:  # FSDP2: the pipeline runs on this rank's rows (commlmo.sharding)
+            params, grads, states = self.sharding.localize(params, grads, states)
         for p, s, i in zip(params, states, positions):
             self.init_state(p, s, owned=self.owns(i, comm))
         b = BucketStep(self, group, list(params), list(names), list(positions), list(states),
@@ -316,7 +335,7 @@ class GroupRuntime:
             vectors = list(grads)
         if cfg.lmo_at == "worker":
             vectors = block_directions(self.lmo, vectors, b.shapes, views=b.views,  # type: ignore[arg-type]
-                                       generator=worker.local)
+                                       generator=worker.local, shards=self._shards(b.params))
         if self.adversary is not None:
             noise = self.generators.at(step, "adversary", positions)
             vectors = [corrupt(v, self.adversary, generator=noise.param(j, shared=False)) for j, v in enumerate(vectors)]
@@ -398,7 +417,8 @@ class GroupRuntime:
             dense = [a.decode() if isinstance(a, Encoded) else a for a in aggregates]
             aggregates = block_directions(self.lmo, dense, [b.shapes[j] for j in idx],  # type: ignore[arg-type]
                                           views=[b.views[j] for j in idx],
-                                          generator=self.generators.at(b.step, "server", b.positions).shared)
+                                          generator=self.generators.at(b.step, "server", b.positions).shared,
+                                          shards=self._shards([b.params[j] for j in idx]))
             if self.lr_rule.needs_dual_norm:
                 # <A, LMO direction of A> is the dual norm (exactly so for exact LMOs), at the cost of
                 # one dot product instead of, for spectral, a full SVD for the nuclear norm
@@ -411,6 +431,9 @@ class GroupRuntime:
                 b.pending[j].update(changes)
             aggregates = directions
         return list(aggregates), dual_norms
+
+    def _shards(self, params: Sequence[Tensor]) -> list | None:
+        return [shard_of(p) for p in params] if self.sharding is not None else None
 
     def apply(self, b: BucketStep, directions: Sequence, duals: Sequence[float | None]) -> None:
         """Stage 5 on this rank: each parameter moves by its (downlink-compressed) step."""
