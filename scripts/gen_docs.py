@@ -617,7 +617,8 @@ def gen_reliability(out: Path) -> None:
 
 #: modules with a page of their own under reference/api/ (besides ``commlmo``, on reference/api/index.md)
 API_MODULES = ["commlmo.plugin", "commlmo.registry", "commlmo.config", "commlmo.comm", "commlmo.transport",
-               "commlmo.testing", "commlmo.pipeline", "commlmo.routing", "commlmo.ddp_hooks"]
+               "commlmo.testing", "commlmo.pipeline", "commlmo.owner", "commlmo.overlap", "commlmo.streams",
+               "commlmo.cost", "commlmo.routing", "commlmo.ddp_hooks"]
 
 
 def api_page(module: str) -> str:
