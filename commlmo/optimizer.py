@@ -493,8 +493,6 @@ class CommOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _check_member(rt: GroupRuntime, gcfg: Any, name: str, p: Tensor) -> None:
         """Fail at build time, naming the parameter, for what would fail at step 1."""
-        if rt.sharding is not None:
-            rt.sharding.check_member(rt, gcfg, name, p)
         try:
             b, m, n = rt.block_shape(p)
         except ValueError as exc:
@@ -510,6 +508,8 @@ class CommOptimizer(torch.optim.Optimizer):
                 rt.lr_scale(p, name)
             except ValueError as exc:
                 raise ConfigError(f"groups.{gcfg.name}: parameter {name!r}: {exc}") from None
+        if rt.sharding is not None:  # FSDP2: what the sharded pipeline cannot do (commlmo.sharding)
+            rt.sharding.check_member(rt, gcfg, name, p)
 
     # ------------------------------------------------------------------ info
     @property
@@ -534,7 +534,10 @@ class CommOptimizer(torch.optim.Optimizer):
         lines = []
         for rt, g in zip(self._runtimes, self.param_groups):
             numel = sum(p.numel() for p in g["params"])
-            lines.append(f"{g['group']}: {describe_group(rt.config)}  transport={rt.transport}  server={rt.server}  "
+            role = f"server={rt.server}" + (f" ({rt.config.server}: {rt.server_reason})"
+                                             if rt.config.server == "auto" and rt.server_reason else "")
+            transport = "to owners (all-to-all-v)" if rt.server == "owner" and self.comm.world_size > 1 else rt.transport
+            lines.append(f"{g['group']}: {describe_group(rt.config)}  transport={transport}  {role}  "
                          f"({len(g['params'])} tensors, {numel:,} entries)")
             for n, p in zip(g["param_names"], g["params"]):
                 view = rt.view_of(p)
@@ -788,11 +791,13 @@ class CommOptimizer(torch.optim.Optimizer):
         finally:
             self._overlap.suspended -= 1
 
-    def _launch_bucket(self, bucket: Bucket, *, zero_fill: bool, dummy: bool = False) -> BucketStep | None:
+    def _launch_bucket(self, bucket: Bucket, *, zero_fill: bool, agreed: bool, dummy: bool = False,
+                       ) -> BucketStep | None:
         """Prepare a bucket (worker stage, uplink compression) and put its first collectives in flight.
 
         ``zero_fill``: a parameter without a gradient here takes part with a zero one;
-        ``dummy``: every gradient is taken as zero (a failed hook still sends its share).
+        ``agreed``: every rank agreed its gradients are finite (one process may then update momentum in
+        place); ``dummy``: every gradient is taken as zero (a failed hook still sends its share).
         """
         group, rt = self.param_groups[bucket.entry], self._runtimes[bucket.entry]
         index = [i for i in bucket.index if zero_fill or dummy or group["params"][i].grad is not None]
@@ -806,7 +811,8 @@ class CommOptimizer(torch.optim.Optimizer):
         with finite_inputs():  # the gradients are agreed finite, or (overlap) the step is dropped if not
             b = rt.prepare(params, grads, [self.state[p] for p in params],
                            [group["param_names"][i] for i in index], [rt.position(p) for p in params],
-                           group=group, comm=self.comm, step=self.steps, rule=self._rule_for(rt, group))
+                           group=group, comm=self.comm, step=self.steps, rule=self._rule_for(rt, group),
+                           in_place=agreed and self.comm.world_size == 1)
             rt.launch(b, self.comm)
         b.versions = [(id(g), g._version) for g in grads]
         return b
@@ -860,7 +866,7 @@ class CommOptimizer(torch.optim.Optimizer):
                 agreed = self._agree_on_gradients(entries)
                 if agreed:
                     return self._skip(agreed, loss, sent=False)
-                steps = [b for b in (self._launch_bucket(bk, zero_fill=False) for bk in self._buckets) if b is not None]
+                steps = [b for b in (self._launch_bucket(bk, zero_fill=False, agreed=True) for bk in self._buckets) if b is not None]
             with self._kept(untouched):
                 self._finish_all(steps, check=first or verify)
             self.steps += 1
@@ -891,7 +897,7 @@ class CommOptimizer(torch.optim.Optimizer):
         device = entries[0][1].device if entries else "cpu"
         flag = self._local_flag([p.grad for _, p in entries if p.grad is not None], device)
         steps = [rec.step for rec in ov.records[:ov.next]]
-        steps += [self._launch_bucket(bk, zero_fill=True) for bk in self._buckets[ov.next:]]
+        steps += [self._launch_bucket(bk, zero_fill=True, agreed=False) for bk in self._buckets[ov.next:]]
         errors = [rec.error for rec in ov.records if rec.error is not None]
         changed = ov.stale or isinstance(getattr(self, "grad_scale", None), Tensor) or any(
             (id(p.grad), p.grad._version) != v for b in steps[:ov.next] if b is not None
@@ -914,7 +920,7 @@ class CommOptimizer(torch.optim.Optimizer):
                 if agreed:
                     self._skip(agreed, None, sent=False)
                     return None
-                return [b for b in (self._launch_bucket(bk, zero_fill=False) for bk in self._buckets)
+                return [b for b in (self._launch_bucket(bk, zero_fill=False, agreed=True) for bk in self._buckets)
                         if b is not None], []
             self._skip(bits, None, sent=True)
             return None

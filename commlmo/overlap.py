@@ -158,10 +158,10 @@ class Overlap:
     def _launch(self, opt: CommOptimizer, k: int) -> None:
         rec = self.records[k]
         try:
-            rec.step = opt._launch_bucket(opt._buckets[k], zero_fill=False)
+            rec.step = opt._launch_bucket(opt._buckets[k], zero_fill=False, agreed=False)
         except Exception as exc:  # noqa: BLE001 - reported by step(), after every rank agreed to stop
             rec.error = exc
-            rec.step = opt._launch_bucket(opt._buckets[k], zero_fill=False, dummy=True)
+            rec.step = opt._launch_bucket(opt._buckets[k], zero_fill=False, agreed=False, dummy=True)
 
     def warn_stale(self, why: str) -> None:
         if not self._warned:

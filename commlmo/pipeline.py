@@ -79,14 +79,23 @@ def corrupt(v: Tensor, mode: Adversary, *, generator: torch.Generator) -> Tensor
     return (noise * (v.float().norm() / noise.norm().clamp_min(1e-30))).to(v.dtype)
 
 
-def momentum_update(buf: Tensor, grad: Tensor, *, beta: float, cfg: MomentumConfig) -> tuple[Tensor, Tensor]:
+def momentum_update(buf: Tensor, grad: Tensor, *, beta: float, cfg: MomentumConfig,
+                    in_place: bool = False) -> tuple[Tensor, Tensor]:
     """``(new buffer, vector the method uses)``, computed out of place: the state is only
-    replaced once the step's collectives have succeeded.
+    replaced once the step's collectives have succeeded.  ``in_place``: as torch.optim.Muon,
+    into ``buf`` and ``grad`` (where nothing that can fail follows: one process, gradients
+    agreed finite), which saves writing two fresh tensors per parameter.
 
     EMA (torch.optim.Muon, SignMuon): ``M = beta*M + (1-beta)*G``, Nesterov
     ``(1-beta)*G + beta*M``.  Heavy-ball: ``M = beta*M + G``, Nesterov ``G + beta*M``.
     The two are trajectory-identical for scale-free (LMO, sign) steps.
     """
+    if in_place:
+        if cfg.kind == "ema":
+            buf.lerp_(grad, 1 - beta)
+            return buf, (grad.lerp_(buf, beta) if cfg.nesterov else buf)
+        buf.mul_(beta).add_(grad)
+        return buf, (grad.add_(buf, alpha=beta) if cfg.nesterov else buf)
     if cfg.kind == "ema":
         new = buf.lerp(grad, 1 - beta)
         return new, (grad.lerp(new, beta) if cfg.nesterov else new)
@@ -303,12 +312,17 @@ class GroupRuntime:
     def prepare(
         self, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict], names: Sequence[str],
         positions: Sequence[int], *, group: dict, comm: Communicator, step: int, rule: Rule | None = None,
+        in_place: bool = False,
     ) -> BucketStep:
         """Stages 1 and 2 for a bucket: each worker's vector (momentum, worker LMO or rule) and its
-        compressed message.  Nothing is committed: state changes wait in ``pending``.  ``rule``
-        replaces the group's rule for this step (a scheduler changed its ``betas``)."""
+        compressed message.  Nothing is committed: state changes wait in ``pending`` -- except, with
+        ``in_place`` (one process, gradients agreed finite: no collective can fail), the momentum,
+        updated in place as torch.optim.Muon does.  ``rule`` replaces the group's rule for this step
+        (a scheduler changed its ``betas``)."""
         cfg = self.config
         rule = rule or self.rule
+        # a third-party aggregator's output is checked after the momentum is used: keep it out of place then
+        in_place = in_place and type(self.aggregator).__module__.split(".")[0] == "commlmo_aggregators"
         if self.sharding is not None:  # FSDP2: the pipeline runs on this rank's rows (commlmo.sharding)
             params, grads, states = self.sharding.localize(params, grads, states)
         for p, s, i in zip(params, states, positions):
@@ -328,7 +342,7 @@ class GroupRuntime:
             beta = group["momentum"]
             vectors = []
             for g, s, upd in zip(grads, states, b.pending):
-                new, v = momentum_update(s["momentum_buffer"], g, beta=beta, cfg=cfg.momentum)
+                new, v = momentum_update(s["momentum_buffer"], g, beta=beta, cfg=cfg.momentum, in_place=in_place)
                 vectors.append(v)
                 upd["momentum_buffer"] = new
         else:
