@@ -204,8 +204,8 @@ def _mesh_problem(name: str, p: Tensor) -> str | None:
                 "all-reduce (set_requires_all_reduce(False) keeps it in FSDP's accumulation buffer and leaves "
                 f".grad empty). Shard over the shard dimension only and let commlmo replicate: {_RECIPE}")
     return (f"parameter {name!r} is a DTensor on a {mesh.ndim}-D mesh with placements {placements}; commlmo "
-            "supports FSDP2's layout only: Shard(0) on a 1-D mesh (fully_shard's default; no shard_placement_fn "
-            f"returning Shard(1), no tensor parallelism). For HSDP: {_RECIPE}")
+            "supports FSDP2's layout only: Shard(0) on a 1-D mesh (fully_shard's default: no shard_placement_fn "
+            f"returning another placement, no tensor parallelism); for HSDP, {_RECIPE}")
 
 
 def replicate_communicator(named: Sequence[tuple[str, Tensor]], *, mesh: Any = None,
@@ -383,6 +383,7 @@ class Sharding:
         return flag
 
     def local_grads(self, grads: Sequence[Tensor]) -> list[Tensor]:
+        """This rank's rows of each gradient (plain tensors on the DTensors' storage)."""
         return [g.to_local() if is_dtensor(g) else g for g in grads]
 
 
