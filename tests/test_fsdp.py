@@ -177,6 +177,7 @@ def test_hsdp_bytes_compressed_across_replicas_full_precision_inside(hsdp):
         packed = math.ceil(entries / 8)  # one tensor's bits each: at most one byte of padding per tensor
         assert packed <= _sent(book, "hidden/majority_vote") <= packed + 8 * 2
         assert result["signmuon"]["links"][-1]["shard"] == _shard_bytes(s) + agreement
+    assert hsdp[0]["signmuon"]["links"][-1] == {"replicate": 76, "shard": 388}  # the figure docs/fsdp.md shows
 
 
 RECIPE = "fully_shard(module, mesh=mesh['shard'])"
