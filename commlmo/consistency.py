@@ -61,17 +61,24 @@ def check_layout(entries: list[tuple[str, Tensor]], config, comm: Communicator) 
             )
 
 
-def _checksum(p: Tensor) -> int:
-    """An exact, order-independent checksum of a tensor's bits."""
+def _checksum(p: Tensor) -> Tensor:
+    """An exact, order-independent checksum of a tensor's bits: a 0-d int64 tensor on its device (no host read)."""
     ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[p.element_size()]
-    return int(p.detach().contiguous().view(ints).sum(dtype=torch.int64))
+    return p.detach().contiguous().view(ints).sum(dtype=torch.int64)
+
+
+def checksums(tensors: list[Tensor], device: torch.device | str) -> Tensor:
+    """The checksums of ``tensors``, stacked on ``device`` (what ranks all-gather to compare their bits)."""
+    if not tensors:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    return torch.stack([_checksum(t).to(device) for t in tensors])
 
 
 def verify_parameters(entries: list[tuple[str, Tensor]], comm: Communicator) -> None:
     """Raise if any parameter's bits differ across ranks (a cheap checksum compared by all-gather)."""
     if comm.world_size == 1 or not entries:
         return
-    sums = torch.tensor([_checksum(p) for _, p in entries], dtype=torch.int64, device=entries[0][1].device)
+    sums = checksums([p for _, p in entries], entries[0][1].device)
     everyone = comm.all_gather(sums, label="verify_parameters")
     diverged = (everyone != everyone[0]).any(dim=0).nonzero().flatten().tolist()
     if diverged:

@@ -493,6 +493,11 @@ class CommOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _check_member(rt: GroupRuntime, gcfg: Any, name: str, p: Tensor) -> None:
         """Fail at build time, naming the parameter, for what would fail at step 1."""
+        if p.device != rt.generators.device:
+            raise ConfigError(
+                f"groups.{gcfg.name}: parameter {name!r} is on {p.device}, the group's other parameters on "
+                f"{rt.generators.device}; a group's parameters travel and draw their random streams together, "
+                "so they must share a device: move it, or give it a group of its own (params.names)")
         try:
             b, m, n = rt.block_shape(p)
         except ValueError as exc:
@@ -740,7 +745,12 @@ class CommOptimizer(torch.optim.Optimizer):
         out = flags.tolist()
         if out[0]:
             grads = [p.grad for _, p in entries if p.grad is not None]
+            sharding = getattr(self, "_sharding", None)
+            if sharding is not None:  # FSDP2: each rank checks its own rows, the shard group agrees first
+                grads = sharding.local_grads(grads)
             again = _nonfinite(grads, device).reshape(1).to(torch.uint8)
+            if sharding is not None:
+                again = sharding.agree(again)
             self.comm.all_max_(again, label="step_agreement")
             out[0] = int(again.tolist()[0])
         n = len(_FLAGS)
@@ -812,7 +822,7 @@ class CommOptimizer(torch.optim.Optimizer):
             b = rt.prepare(params, grads, [self.state[p] for p in params],
                            [group["param_names"][i] for i in index], [rt.position(p) for p in params],
                            group=group, comm=self.comm, step=self.steps, rule=self._rule_for(rt, group),
-                           in_place=agreed and self.comm.world_size == 1)
+                           in_place=agreed and self.comm.world_size == 1 and getattr(self, "_sharding", None) is None)
             rt.launch(b, self.comm)
         b.versions = [(id(g), g._version) for g in grads]
         return b

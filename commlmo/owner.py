@@ -215,8 +215,8 @@ def finish_owned(rt: GroupRuntime, b: BucketStep, rows: dict[int, list[Payload]]
         extra = (torch.empty(1, dtype=torch.float64, device=p.device),) if dual_norm else ()
         like.append(Payload(template.wire + extra, template.ctx))
     received = share_from_owners(outgoing, like, owners, comm, label=f"{rt.config.name}/owner/downlink")
-    for j, (p, s, name, o, payload) in enumerate(zip(b.params, b.states, b.names, owners, received)):
-        dual = float(payload.wire[-1][0]) if dual_norm else None
+    duals = torch.cat([p.wire[-1] for p in received]).tolist() if dual_norm else [None] * len(received)
+    for j, (p, s, name, o, payload, dual) in enumerate(zip(b.params, b.states, b.names, owners, received, duals)):
         wires = payload.wire[:-1] if dual_norm else payload.wire
         rt.codec(p, rt.downlink).apply_downlink_payload_(p, s, Payload(wires, payload.ctx), lr=lr, wd=wd,
                                                          scale=rt.lr_scale(p, name, dual), owner=o == comm.rank)

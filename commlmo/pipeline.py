@@ -435,8 +435,9 @@ class GroupRuntime:
                                           shards=self._shards([b.params[j] for j in idx]))
             if self.lr_rule.needs_dual_norm:
                 # <A, LMO direction of A> is the dual norm (exactly so for exact LMOs), at the cost of
-                # one dot product instead of, for spectral, a full SVD for the nuclear norm
-                dual_norms = [float(torch.sum(a.float() * d.float())) for a, d in zip(dense, aggregates)]
+                # one dot product instead of, for spectral, a full SVD for the nuclear norm; read in one go
+                dual_norms = torch.stack([torch.sum(a.float() * d.float()) for a, d in zip(dense, aggregates)]
+                                         ).tolist() if dense else []
         if b.rule is not None and type(b.rule).server is not Rule.server:
             directions = []
             for j, a in zip(idx, aggregates):
@@ -513,13 +514,11 @@ class GroupRuntime:
 
     def _check_agreement(self, aggregates: Sequence, names: Sequence[str], comm: Communicator) -> None:
         """Every rank must hold the same aggregate: an exact checksum of each, all-gathered once."""
-        from .consistency import _checksum
+        from .consistency import checksums
 
-        sums = []
-        for a in aggregates:
-            wires = a.payload.wire if isinstance(a, Encoded) else (a,)
-            sums.append(sum(_checksum(w.reshape(-1)) for w in wires))
-        mine = torch.tensor(sums, dtype=torch.int64)
+        wires = [a.payload.wire if isinstance(a, Encoded) else (a,) for a in aggregates]
+        device = wires[0][0].device if wires else torch.device("cpu")
+        mine = torch.stack([checksums([w.reshape(-1) for w in ws], device).sum() for ws in wires])
         everyone = comm.all_gather(mine, label=f"{self.config.name}/agreement_check")
         differs = (everyone != everyone[comm.rank]).any(dim=0).nonzero().flatten().tolist()
         if differs:

@@ -141,7 +141,10 @@ def finite_inputs() -> Iterator[None]:
 
 
 def inputs_known_finite() -> bool:
-    """Whether the caller declared its inputs finite (:func:`finite_inputs`)."""
+    """Whether the caller declared its inputs finite (:func:`finite_inputs`); ``False`` under
+    ``torch.compile`` (which cannot trace a context variable; checks are skipped there anyway)."""
+    if torch.compiler.is_compiling():
+        return False
     return _FINITE_INPUTS.get()
 
 
@@ -155,7 +158,7 @@ def host_reads_free(t: Tensor) -> bool:
     only then, and a branch-free one elsewhere; :func:`as_if_on_accelerator` makes every tensor
     take the branch-free path, so a CPU test can count what an accelerator would synchronise on.
     """
-    return t.device.type == "cpu" and not _AS_IF_ACCELERATOR
+    return t.device.type == "cpu" and not _AS_IF_ACCELERATOR and not torch.compiler.is_compiling()
 
 
 @contextlib.contextmanager

@@ -196,6 +196,25 @@ def refusals(rank: int, world: int) -> dict:
     return out
 
 
+def nonfinite_skips(rank: int, world: int) -> dict:
+    """A NaN in rank 0's rows of one gradient: every rank skips the step (``nonfinite: skip``), nothing moves."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    model = shard(Tiny(), init_device_mesh("cpu", (world,)))
+    opt = build_optimizer(model, {"preset": "signmuon", "nonfinite": "skip"})
+    loss_of(model, 0, rank, 0).backward()
+    opt.step()
+    opt.zero_grad()
+    before = full(model)
+    loss_of(model, 0, rank, 1).backward()
+    if rank == 0:
+        model.mid.weight.grad.to_local().view(-1)[0] = float("nan")
+    opt.step()
+    after = full(model)
+    return {"skipped": opt.skipped_steps, "unchanged": all(torch.equal(before[n], after[n]) for n in before)}
+
+
 def fsdp_and_refusals(rank: int, world: int, configs: dict, tmp: str, dcp_for: tuple) -> dict:
-    """The 1-D mesh run (every rank one shard) and the refusals, in one launch."""
-    return {"train": train(rank, world, world, configs, tmp, dcp_for), "refusals": refusals(rank, world)}
+    """The 1-D mesh run (every rank one shard), the refusals and a non-finite gradient, in one launch."""
+    return {"train": train(rank, world, world, configs, tmp, dcp_for), "refusals": refusals(rank, world),
+            "nonfinite": nonfinite_skips(rank, world)}

@@ -47,7 +47,7 @@ HIDDEN = {"body.weight": (12, 8), "mid.weight": (9, 12)}
 @pytest.fixture(scope="module")
 def fsdp(tmp_path_factory):
     ranks = spawn(fsdp_and_refusals, 2, FSDP_CONFIGS, str(tmp_path_factory.mktemp("fsdp")), DCP, timeout_s=240)
-    return [r["train"] for r in ranks], [r["refusals"] for r in ranks]
+    return [r["train"] for r in ranks], [r["refusals"] for r in ranks], [r["nonfinite"] for r in ranks]
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +209,9 @@ def test_fsdps_own_hsdp_all_reduces_across_replicas_and_cannot_be_switched_off(f
     """Why FSDP's own HSDP is refused rather than turned off: set_requires_all_reduce(False) leaves .grad empty."""
     assert "all-reduces every gradient in float32" in fsdp[1][0]["native_hsdp"]
     assert all(fsdp[1][0]["native_hsdp_no_all_reduce_grads"])
+
+
+def test_a_nan_in_one_ranks_rows_skips_the_step_on_every_rank(fsdp):
+    """The re-check of a non-finite sum reads each rank's own rows and agrees over the shard group first."""
+    for r in fsdp[2]:
+        assert r == {"skipped": 1, "unchanged": True}

@@ -184,3 +184,10 @@ def test_a_group_built_by_add_param_group_gets_its_configured_server_role():
         return {g["group"]: rt.server for g, rt in zip(opt.param_groups, opt._runtimes)}
 
     assert simulate(2, worker)[0]["hidden"] == "owner"
+
+
+def test_a_group_with_parameters_on_two_devices_is_refused_at_build():
+    """A group draws its random streams on one device; a parameter elsewhere would fail mid-step (randint)."""
+    a, b = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4, 4, device="meta"))
+    with pytest.raises(ConfigError, match="'b' is on meta, the group's other parameters on cpu.*share a device"):
+        build_optimizer([("a", a), ("b", b)], "muonserver")

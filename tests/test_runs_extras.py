@@ -69,4 +69,4 @@ def test_the_package_metadata_splits_the_optimizer_from_the_harness():
     assert {d.split(">")[0] for d in extras["train"]} == {"tqdm", "matplotlib", "mnist1d", "tokenizers"}
     assert any(d.startswith("tokenizers>=0.15") for d in extras["train"])
     assert [d.split(">")[0] for d in extras["testing"]] == ["hypothesis"]
-    assert '".[train,testing,test,docs]"' in (ROOT / "scripts" / "setup.sh").read_text()
+    assert '".[train,testing,test,docs,integrations]"' in (ROOT / "scripts" / "setup.sh").read_text()
