@@ -708,18 +708,18 @@ class CommOptimizer(torch.optim.Optimizer):
                     f"parameter {name!r} is sharded {tuple(p.placements)}, its gradient is {got}: commlmo takes the "
                     "gradient FSDP's reduce-scatter leaves after backward (set p.grad = None, not to another layout)")
 
-    def _local_flag(self, grads: list[Tensor], device: Any) -> Tensor:
+    def _local_flag(self, grads: list[Tensor], device: Any, *, unscale: bool = True) -> Tensor:
         """This rank's flags (``_FLAGS``, one uint8 each) as a tensor: no host read.
 
         Under ``torch.amp.GradScaler`` the scaler's own ``found_inf`` is the flag, and gradients
-        still scaled (``grad_scale``) are unscaled here first.
+        still scaled (``grad_scale``) are unscaled here first (``unscale``: not done already this step).
         """
         sharding = getattr(self, "_sharding", None)
         if sharding is not None:  # FSDP2: each rank checks its rows, and the shard group agrees first
             grads = sharding.local_grads(grads)
         flags = torch.zeros(len(_FLAGS), dtype=torch.uint8, device=device)
         found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
-        if isinstance(grad_scale, Tensor):  # GradScaler.step without unscale_: the gradients are still scaled
+        if unscale and isinstance(grad_scale, Tensor):  # GradScaler.step without unscale_: still scaled
             inv = grad_scale.double().reciprocal().float()
             for g in grads:
                 g.mul_(inv.to(g.device))
@@ -756,7 +756,7 @@ class CommOptimizer(torch.optim.Optimizer):
         n = len(_FLAGS)
         return sum(f for f, on in zip(_FLAGS, out[:n]) if on), out[n:]
 
-    def _agree_on_gradients(self, entries: list[tuple[str, Tensor]]) -> int:
+    def _agree_on_gradients(self, entries: list[tuple[str, Tensor]], *, unscale: bool = True) -> int:
         """One small collective: do all ranks have finite gradients, and which parameters have one?
 
         Returns 0 (go), ``_NONFINITE`` (a NaN/Inf gradient on some rank) or ``_SCALER_INF``
@@ -766,7 +766,7 @@ class CommOptimizer(torch.optim.Optimizer):
         """
         self._check_grads(entries)
         device = entries[0][1].device if entries else "cpu"
-        flag = self._local_flag([p.grad for _, p in entries if p.grad is not None], device)
+        flag = self._local_flag([p.grad for _, p in entries if p.grad is not None], device, unscale=unscale)
         bits, present = self._agree(entries, flag, [p.grad is not None for _, p in entries])
         if bits:
             return bits
@@ -926,7 +926,7 @@ class CommOptimizer(torch.optim.Optimizer):
                 if changed:
                     ov.warn_stale("gradients changed after their bucket was sent (gradient accumulation outside "
                                   "no_sync(), gradient clipping or GradScaler after backward)")
-                agreed = self._agree_on_gradients(entries)
+                agreed = self._agree_on_gradients(entries, unscale=False)  # unscaled above, if scaled
                 if agreed:
                     self._skip(agreed, None, sent=False)
                     return None

@@ -139,3 +139,31 @@ def test_overlap_on_real_gloo_ranks_is_bitwise_and_launches_from_hooks():
             assert _same(a, b) and _same(acc, runs[rank][preset + "_acc"]), (preset, rank)
             assert _same(a, runs[0][preset][0])
             assert all(h == b["buckets"] > 1 for h in b["hooked"][1:]), b["hooked"]
+
+
+@pytest.mark.filterwarnings("ignore:commlmo overlap")
+def test_grad_scaler_with_overlap_unscales_once_and_equals_the_step_without_it():
+    """GradScaler.step hands the optimizer scaled gradients: buckets sent from hooks are sent again, unscaled once."""
+    plain, overlapped = _configs("signmuon")
+
+    def run(config, rank, comm):
+        model = Net()
+        init = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=init) * 0.3)
+        opt = commlmo.build_optimizer(model, config, process_group=comm)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        resent = []
+        for step in range(STEPS):
+            opt.zero_grad()
+            x, y = _batch(rank, step, 0)
+            scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+            scaler.step(opt)
+            scaler.update()
+            resent.append(opt._overlap.last_resent if opt._overlap is not None else False)
+        return {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "resent": resent}
+
+    for a, b in simulate(2, lambda rank, comm: (run(plain, rank, comm), run(overlapped, rank, comm))):
+        assert _same(a, b)
+        assert all(b["resent"][1:])
