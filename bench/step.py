@@ -27,7 +27,7 @@ from _machine import describe_machine, provenance  # noqa: E402
 
 SHAPES = {"small": [(256, 256)] * 8, "medium": [(512, 512)] * 6 + [(512, 2048), (2048, 512)],
           "large": [(1024, 1024)] * 4 + [(1024, 4096), (4096, 1024)]}
-CONFIG = {"groups": [{"name": "muon", "params": {"ndim": [2]}, "lmo": {"kind": "spectral", "batch": False},
+CONFIG = {"groups": [{"name": "muon", "params": {"ndim": [2]}, "lmo": {"kind": "spectral", "batch": False, "dtype": "bfloat16"},
                       "lmo_at": "server", "lr": 0.02, "lr_rule": {"kind": "original"}, "weight_decay": 0.1}]}
 
 

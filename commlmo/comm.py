@@ -372,7 +372,12 @@ def simulate(world_size: int, fn: Callable[[int, Communicator], Any], *, timeout
     results: list[Any] = [None] * world_size
     errors: list[BaseException | None] = [None] * world_size
 
+    threads_per_rank = torch.get_num_threads()
+
     def run(rank: int) -> None:
+        # MKL keeps its thread count per OS thread: a new thread would run float32 GEMMs multi-threaded,
+        # with another summation order than the caller's (and than a real rank's) -- set it here
+        torch.set_num_threads(threads_per_rank)
         try:
             results[rank] = fn(rank, SimulatedComm(rank, hub))
         except BaseException as exc:  # noqa: BLE001 - re-raised below
