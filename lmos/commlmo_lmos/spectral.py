@@ -25,11 +25,19 @@ def fast_bfloat16(device: torch.device) -> bool:
     bfloat16 against 0.86 ms in float32 on an AVX2 AMD EPYC core, torch 2.13), so
     Newton--Schulz runs in float32 there.
     """
-    if device.type != "cpu":
-        return True
+    return device.type != "cpu" or _CPU_FAST_BFLOAT16
+
+
+def _cpu_fast_bfloat16() -> bool:
     cpu = torch.cpu
     return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
                 or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+# Read once at import: the CPU does not change, and torch.compile refuses to trace the
+# torch.cpu probes (they sit in dynamo's skip list), so a call inside a compiled LMO
+# would break the graph.
+_CPU_FAST_BFLOAT16 = _cpu_fast_bfloat16()
 
 
 def polar_svd(g: Tensor) -> Tensor:
