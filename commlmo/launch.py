@@ -121,6 +121,25 @@ def init_from_env(*, backend: str | None = None, timeout_s: float = 300.0) -> tu
     return dist.get_rank(), dist.get_world_size()
 
 
+def leave_group(*, finished: bool) -> None:
+    """Destroy the default process group; after a finished run, only once every rank is done.
+
+    Ranks finish at different times (rank 0 still writes the summary after the last
+    collective).  A rank that tears its group down closes its gloo sockets, and a peer
+    whose group is still alive can see the closed connection in gloo's I/O thread,
+    which throws there and aborts the whole process (SIGABRT).  So a rank that
+    finished meets the others at a barrier first; after a failure it does not wait
+    (the others may be gone).
+    """
+    if not dist.is_initialized():
+        return
+    if finished:
+        with contextlib.suppress(Exception):
+            dist.barrier()
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------- signals
 
 
@@ -212,18 +231,17 @@ def _elastic_worker(fn: Callable[..., Any], args: tuple, backend: str, collectiv
         _as_worker()
         try:
             rank, world_size = init_from_env(backend=backend, timeout_s=collective_timeout_s)
-            return fn(rank, world_size, *args)
+            result = fn(rank, world_size, *args)
         except BaseException as exc:  # noqa: BLE001
             if _stopped_by is not None:  # the launcher (or Ctrl-C) stopped it: not this rank's failure
                 sys.exit(128 + _stopped_by)
+            leave_group(finished=False)
             if isinstance(exc, CommlmoError):  # the message says it all: no traceback on the console
                 _commlmo_error_file(exc)
                 sys.exit(1)
             raise  # a bug: `record` writes the traceback into the error file
-        finally:
-            if dist.is_initialized() and _stopped_by is None:
-                with contextlib.suppress(Exception):
-                    dist.destroy_process_group()
+        leave_group(finished=True)
+        return result
 
     return main()
 
@@ -365,10 +383,9 @@ def _entry(rank: int, world_size: int, port: int, backend: str, timeout_s: float
             os._exit(128 + _stopped_by)  # stopped by the parent: nothing to report, nothing to clean up
         with open(out, "wb") as f:
             pickle.dump(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"), f)
+        leave_group(finished=False)
         raise SystemExit(1) from None
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    leave_group(finished=True)
 
 
 def spawn(

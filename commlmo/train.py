@@ -58,7 +58,7 @@ from typing import Any
 
 from .checkpoint import CHECKPOINTS, comparable_config, config_changes, latest_common, may_change, resume_command
 from .errors import CommlmoError, ConfigError, DistributedError
-from .launch import Interrupted, default_backend, init_from_env, launch, launched_by_torchrun, restart_count
+from .launch import Interrupted, default_backend, init_from_env, launch, launched_by_torchrun, leave_group, restart_count
 from .metrics import RunResult, best_eval, compare_table, default_target, load_run, run_table
 from .runconfig import TASKS, RunConfig, is_run_config, load_run_config
 from .tasks import shard_size
@@ -259,8 +259,10 @@ def _launch(jobs: list[tuple[RunConfig, Path]], *, progress: bool, resume: bool 
             if problem is not None:
                 raise ConfigError(problem)
             run_many(rank, world, payload, progress, resume)
-        finally:  # a rank that exits with the group alive can abort in gloo's threads
-            dist.destroy_process_group()
+        except BaseException:
+            leave_group(finished=False)
+            raise
+        leave_group(finished=True)  # with the group alive at exit a rank can abort in gloo's threads
         return rank == 0
     warning = check_nproc(first.nproc)
     for cfg, out in jobs:  # check everything before anything is written or started

@@ -52,7 +52,9 @@ def resumed(resume_runs):
            "--resume", "--set", "train.stop_after=null", "--no-progress"]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=240,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    assert proc.returncode == 0, proc.stderr[-8000:] + proc.stdout[-3000:]
+    # what killed a worker first (CI shows the head of a long message): gloo's or Python's last words
+    last_words = [ln for ln in proc.stderr.splitlines() if re.search(r"terminate|Fatal|what\(\)|Error|Signal", ln)]
+    assert proc.returncode == 0, "\n".join(last_words[:20]) + "\n---\n" + proc.stderr[-8000:] + proc.stdout[-3000:]
     return resume_runs["stopped"], before
 
 
