@@ -28,9 +28,11 @@ steps and learning-rate schedule:
 * ``+overlap`` after a name: the config's ``overlap: true`` (each bucket's
   uplink starts from a gradient hook while backward runs); ``--bucket-mb``
   sets ``bucket_mb``;
-* ``+fp32`` after a name: Newton--Schulz in float32 instead of the presets'
-  bfloat16 (``torch.optim.Muon`` has bfloat16 only).  On a CPU without native
-  bfloat16 matrix products float32 is the fast choice.
+* ``+fp32`` / ``+bf16`` after a name: Newton--Schulz forced to float32 /
+  bfloat16.  Without either, the presets' ``dtype: auto`` runs it in bfloat16
+  where the hardware multiplies bfloat16 fast (GPUs, CPUs with AVX512-BF16 or
+  AMX) and in float32 elsewhere; ``torch.optim.Muon`` (the ``ddp`` baseline)
+  always uses bfloat16.
 
 ``ddp`` runs first at each rate; its final evaluated loss is the target of that
 rate, and "to DDP loss" is the training time (rank 0, evaluation excluded) at
@@ -88,8 +90,8 @@ DDP = "ddp"
 #: the DDP recipe: Muon (lr 0.02) on the hidden matrices, AdamW (lr 3e-3) on the rest, float32 means
 DDP_RECIPE: dict[str, Any] = LM_CONFIGS[LM_DDP]
 METHODS = (DDP, "muonserver", "muonserver+overlap", "signmuon", "signmuon+overlap", "ef21muon", "ef21muon+overlap",
-           "ef21muonsign", "ef21muonsign+overlap", "signmuon+fp32", "signmuon+overlap+fp32")
-FLAGS = ("overlap", "fp32")
+           "ef21muonsign", "ef21muonsign+overlap", "signmuon+bf16")
+FLAGS = ("overlap", "fp32", "bf16")
 #: the tasks: the named ``gpt`` task of ``commlmo compare``, and the MNIST-1D MLP of the first version of this page
 TASK_SETUPS: dict[str, dict[str, Any]] = {
     "gpt": {"task": TASKS["gpt"]["task"], "global_batch": 32, "schedule": TASKS["gpt"]["train"]["schedule"],
@@ -154,7 +156,7 @@ def measure_link(seconds: float = 2.0) -> float:
 
 
 def optimizer_of(method: str, bucket_mb: float | None) -> dict[str, Any]:
-    """The optimizer config of ``NAME[+overlap][+fp32]`` (``ddp``: the recipe the baseline reads)."""
+    """The optimizer config of ``NAME[+overlap][+fp32|+bf16]`` (``ddp``: the recipe the baseline reads)."""
     name, *flags = method.split("+")
     unknown = [f for f in flags if f not in FLAGS]
     if unknown:
@@ -169,11 +171,15 @@ def optimizer_of(method: str, bucket_mb: float | None) -> dict[str, Any]:
         cfg["overlap"] = True
     if bucket_mb is not None:
         cfg["bucket_mb"] = bucket_mb
-    if "fp32" in flags:
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}
+    forced = [dtype[f] for f in flags if f in dtype]
+    if len(forced) > 1:
+        raise SystemExit(f"method {method!r}: +fp32 and +bf16 exclude each other")
+    if forced:
         groups = cfg.setdefault("groups", {})
         for g in load_config(cfg).groups:
             if g.lmo is not None and g.lmo.kind == "spectral":
-                groups.setdefault(g.name, {})["lmo"] = {"kind": "spectral", "dtype": "float32"}
+                groups.setdefault(g.name, {})["lmo"] = {"kind": "spectral", "dtype": forced[0]}
     load_config(cfg)  # a typo fails here, before any namespace is made
     return cfg
 
@@ -277,12 +283,14 @@ def plot(rows: list[dict[str, Any]], targets: dict[str, float | None], path: Pat
     ax.set_xscale("log")
     ax.set_xlabel("ms per step (log)")
     ax.legend()
+    bases = list(dict.fromkeys(m.replace("+overlap", "") for m in methods if m != DDP))
     for ax, rate in zip(axes[1:], rates):
-        for i, r in enumerate(x for x in rows if x["rate"] == rate):
+        for r in (x for x in rows if x["rate"] == rate):
             ev = [e for e in r["run"].evals if e["time"] > 0]  # step 0 (time 0) has no place on a log axis
+            base = r["method"].replace("+overlap", "")
             ax.plot([e["time"] for e in ev], [e["eval_loss"] for e in ev], marker=".",
-                    lw=2.2 if r["method"] == DDP else 1.2, color="k" if r["method"] == DDP else f"C{i}",
-                    ls="-" if "overlap" not in r["method"] else "--", label=r["method"])
+                    lw=2.2 if base == DDP else 1.2, color="k" if base == DDP else f"C{bases.index(base) % 10}",
+                    ls="--" if "overlap" in r["method"] else "-", label=r["method"])
         if targets.get(rate) is not None:
             ax.axhline(targets[rate], color="k", lw=0.6, ls=":")
         ax.set_xscale("log")
@@ -306,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", choices=sorted(TASK_SETUPS), default="gpt")
     p.add_argument("--rates", nargs="+", default=["100mbit", "1gbit"], help="tc rates, or 'unlimited'")
     p.add_argument("--methods", nargs="+", default=list(METHODS),
-                   help="ddp, or a preset with optional +overlap / +fp32 (e.g. signmuon+overlap)")
+                   help="ddp, or a preset with optional +overlap and +fp32 or +bf16 (e.g. signmuon+overlap)")
     p.add_argument("--nproc", type=int, default=4)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--eval-every", type=int, default=10)
