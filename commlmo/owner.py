@@ -26,8 +26,9 @@ Supported: aggregators that declare ``capabilities.owner`` (``mean``, ``majority
 (``lmo_at: server``, or a stateful aggregator such as EF21 whose estimate the owner
 keeps); any downlink, ``ef21p`` included; any learning-rate rule (Gluon's dual norm
 travels with the step).  Element-wise rules run replicated.  ``server: auto`` takes the
-owner role where it is supported and sends no more bytes per rank, on average, than
-the replicated one (:func:`choose_server`).
+owner role where it is supported, sends no more bytes per rank on average than the
+replicated one, and its busiest rank's extra bytes are worth less than the LMO work it
+saves (with fewer matrices than ranks they are not: :func:`choose_server`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
     from .pipeline import BucketStep, GroupRuntime
 
 __all__ = ["owner_problem", "assign_owners", "owners_by_size", "choose_server", "send_to_owners",
-           "share_from_owners", "uplink_steps", "finish_owned", "owner_bytes"]
+           "share_from_owners", "uplink_steps", "finish_owned", "owner_bytes", "lmo_flops", "BYTES_PER_FLOP"]
 
 
 def owner_problem(rt: GroupRuntime) -> str | None:
@@ -103,8 +104,32 @@ def owner_bytes(rt: GroupRuntime, params: Sequence[Tensor], owners: Sequence[int
     return sent
 
 
+#: What ``server: auto`` assumes one byte on the link costs, in LMO FLOPs' time: a 1 Gbit/s link against
+#: about 100 GFLOP/s of float32 Newton--Schulz on a CPU; a 100 Gbit/s link against about 1 PFLOP/s of
+#: bfloat16 on an accelerator.
+BYTES_PER_FLOP = {"cpu": 125e6 / 100e9, "accelerator": 12.5e9 / 1e15}
+
+
+def lmo_flops(rt: GroupRuntime, p: Tensor) -> float:
+    """FLOPs of one server LMO of ``p``: Newton--Schulz's ``steps * (4 a^2 b + 2 a^3)`` for an ``a x b``
+    matrix (``a <= b``) under the spectral LMO, a few per entry for the element-wise and norm LMOs."""
+    lmo = rt.lmo
+    if lmo is not None and lmo.kind == "spectral" and p.ndim >= 2:
+        a, b = sorted((p.shape[0], p[0].numel()))
+        return float(getattr(lmo.config, "steps", 5)) * (4.0 * a * a * b + 2.0 * a ** 3)
+    return 4.0 * p.numel()
+
+
 def choose_server(rt: GroupRuntime, params: Sequence[Tensor], world_size: int) -> tuple[str, str]:
-    """``(server role, why)`` for ``server: auto``: owner where supported and no dearer in bytes, on average."""
+    """``(server role, why)`` for ``server: auto``, from the cost model's bytes and the LMO's FLOPs.
+
+    Owner where it is supported, sends no more bytes per rank on average than the
+    replicated role, and its busiest rank's extra bytes (an owner sends its steps to
+    every other rank, so with fewer parameters than ranks one rank can carry many
+    times the average) cost less link time than the LMO work it saves that rank,
+    at :data:`BYTES_PER_FLOP`.  Replicated transports are balanced: every rank sends
+    the same bytes.
+    """
     why = owner_problem(rt)
     if why is not None or world_size == 1:
         return "replicated", why or "a world of one"
@@ -112,11 +137,21 @@ def choose_server(rt: GroupRuntime, params: Sequence[Tensor], world_size: int) -
     up = sum(rt.codec(p).wire_nbytes(p.shape, p.dtype) for p in params)
     replicated = bytes_per_rank(rt.transport, payload_bytes=up, world_size=m,  # type: ignore[arg-type]
                                 dense_entries=sum(p.numel() for p in params))
-    owner = sum(owner_bytes(rt, params, assign_owners(params, m), m)) / m
-    if owner <= replicated:
-        return "owner", (f"{owner:.0f} <= {replicated:.0f} bytes per rank on average, and the server step runs "
-                         "once per parameter")
-    return "replicated", f"owner would send {owner:.0f} bytes per rank on average, replicated {replicated:.0f}"
+    owners = assign_owners(params, m)
+    sent = owner_bytes(rt, params, owners, m)
+    mean = sum(sent) / m
+    if mean > replicated:
+        return "replicated", f"owner would send {mean:.0f} bytes per rank on average, replicated {replicated:.0f}"
+    flops = [lmo_flops(rt, p) for p in params]
+    busiest = max(range(m), key=lambda r: (sent[r], r))
+    saved = sum(flops) - sum(f for f, o in zip(flops, owners) if o == busiest)
+    device = params[0].device.type if params else "cpu"
+    allowance = saved * BYTES_PER_FLOP["cpu" if device == "cpu" else "accelerator"]
+    if sent[busiest] - replicated > allowance:
+        return "replicated", (f"owner's busiest rank would send {sent[busiest]:.0f} bytes, replicated "
+                              f"{replicated:.0f}: more than the {saved:.3g} LMO FLOPs it saves that rank are worth")
+    return "owner", (f"{mean:.0f} <= {replicated:.0f} bytes per rank on average (busiest rank {sent[busiest]:.0f}), "
+                     "and the server step runs once per parameter")
 
 
 # --------------------------------------------------------------------------- the step

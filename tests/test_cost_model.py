@@ -201,3 +201,23 @@ def test_real_gloo_ranks_keep_the_same_byte_book_as_simulated_ones(simulated):
         for name in CONFIGS:
             assert real[rank][name]["books"] == simulated[3][rank][name]["books"], (rank, name)
             assert real[rank][name]["transports"] == simulated[3][rank][name]["transports"], (rank, name)
+
+
+def test_auto_leaves_the_owner_role_when_one_rank_would_carry_far_more_than_it_saves():
+    """Four hidden 256x256 matrices: on 4 ranks each owner sends its step to 3 others (the mean, and
+    Newton-Schulz runs once per matrix); on 64 ranks the four owners would each send their step to 63
+    ranks, ~8x what a replicated rank sends, for three matrices' LMO saved: ``auto`` stays replicated."""
+    from commlmo.cost import server_role
+    from commlmo.owner import BYTES_PER_FLOP, assign_owners, lmo_flops, owner_bytes
+
+    model = nn.Sequential(*[nn.Linear(256, 256, bias=False) for _ in range(5)])
+    opt = commlmo.build_optimizer(model, "muonserver")
+    rt = next(r for r in opt._runtimes if r.lmo is not None and r.lmo.kind == "spectral")
+    assert lmo_flops(rt, rt.members[0]) == 5 * 6 * 256 ** 3
+    assert server_role(rt, 4, world_size=1)[0] == "owner"
+    role, _, owners = server_role(rt, 64, world_size=1)
+    assert role == "replicated" and owners == []
+    replicated = 2 * 63 / 64 * 4 * sum(p.numel() for p in rt.members)  # a float32 all-reduce
+    sent = owner_bytes(rt, rt.members, assign_owners(rt.members, 64), 64)
+    assert sum(sent) / 64 <= replicated < 8 * replicated < max(sent)  # the busiest rank's fault, not the mean's
+    assert BYTES_PER_FLOP["cpu"] > BYTES_PER_FLOP["accelerator"]
