@@ -237,6 +237,8 @@ def test_auto_dtype_is_bfloat16_where_the_device_multiplies_it_fast_and_float32_
     for fast, want in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda fast=fast: fast)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        assert spectral._cpu_fast_bfloat16() is fast  # the probe; read once, at import
+        monkeypatch.setattr(spectral, "_CPU_FAST_BFLOAT16", fast)
         assert lmo.working_dtype(torch.device("cpu")) == want
         g = _randn(8, 5, seed=3)
         assert torch.equal(lmo.direction(g), newton_schulz(g, dtype=want).float())
