@@ -225,6 +225,11 @@ class GroupConfig(_Model):
         "(each parameter aggregated, given its server step and compressed once, by its owner rank; see "
         "commlmo.owner), `auto` (owner where supported and no dearer in bytes per rank; the choice is shown "
         "by describe_routing()).")
+    state_dtype: Literal["param", "float32"] = Field(
+        "param", description="Dtype of the group's optimizer state (momentum, a rule's moments, EF21's "
+        "estimates, EF21-P's model): `param` (the parameter's own), or `float32` for low-precision "
+        "(bfloat16, float16) parameters, whose state then accumulates in float32 and whose update is "
+        "rounded to the parameter's dtype once, when it is applied.")
 
     @model_validator(mode="before")
     @classmethod

@@ -88,8 +88,11 @@ def momentum_update(buf: Tensor, grad: Tensor, *, beta: float, cfg: MomentumConf
 
     EMA (torch.optim.Muon, SignMuon): ``M = beta*M + (1-beta)*G``, Nesterov
     ``(1-beta)*G + beta*M``.  Heavy-ball: ``M = beta*M + G``, Nesterov ``G + beta*M``.
-    The two are trajectory-identical for scale-free (LMO, sign) steps.
+    The two are trajectory-identical for scale-free (LMO, sign) steps.  A float32 buffer of a
+    low-precision parameter (``state_dtype: float32``) takes the gradient in float32.
     """
+    if grad.dtype != buf.dtype:
+        grad = grad.to(buf.dtype)
     if in_place:
         if cfg.kind == "ema":
             buf.lerp_(grad, 1 - beta)
@@ -287,6 +290,8 @@ class GroupRuntime:
         keeps none of the aggregator's and downlink's owner-only state (EF21's ``g``, EF21-P's model)."""
         if state:  # already initialised (stateless groups re-run this no-op every step)
             return
+        if self.config.state_dtype == "float32" and p.is_floating_point() and p.dtype != torch.float32:
+            p = p.detach().to(torch.float32)  # the state's template: its values (EF21-P's model) and dtype
         if self.config.momentum is not None:
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if self.rule is not None:

@@ -367,3 +367,38 @@ def test_bfloat16_parameters_step_and_keep_their_dtype(preset):
     train(model, opt, [2])
     train(twin, opt2, [2])
     assert same(model.parameters(), twin.parameters())
+
+
+def _float32_state(preset: str) -> dict:
+    return {"preset": preset, "groups": {g.name: {"state_dtype": "float32"} for g in commlmo.load_config(preset).groups}}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_bfloat16_parameters_with_float32_state(preset):
+    """``state_dtype: float32``: every state tensor of a bfloat16 model is float32, the parameters stay
+    bfloat16, and the state round-trips bitwise."""
+    model = TinyGPT().to(torch.bfloat16)
+    opt = build_optimizer(model, _float32_state(preset))
+    train(model, opt, [0, 1])
+    assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in model.parameters())
+    floats = [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float32 for v in floats)
+    twin = TinyGPT().to(torch.bfloat16)
+    twin.load_state_dict(model.state_dict())
+    opt2 = build_optimizer(twin, _float32_state(preset))
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    train(model, opt, [2])
+    train(twin, opt2, [2])
+    assert same(model.parameters(), twin.parameters())
+
+
+def test_float32_momentum_of_bfloat16_parameters_is_the_float32_average_of_their_gradients():
+    model = TinyGPT().to(torch.bfloat16)
+    opt = build_optimizer(model, _float32_state("muon"))
+    p = opt.param_groups[0]["params"][0]
+    beta, want = opt.param_groups[0]["momentum"], torch.zeros(p.shape)
+    for step in range(3):
+        train(model, opt, [step])
+        # train() leaves the step's gradients in .grad: EMA of them in float32, as torch.optim.Muon's lerp
+        want = want.lerp(p.grad.float(), 1 - beta)
+        assert torch.equal(opt.state[p]["momentum_buffer"], want)
