@@ -402,3 +402,18 @@ def test_float32_momentum_of_bfloat16_parameters_is_the_float32_average_of_their
         # train() leaves the step's gradients in .grad: EMA of them in float32, as torch.optim.Muon's lerp
         want = want.lerp(p.grad.float(), 1 - beta)
         assert torch.equal(opt.state[p]["momentum_buffer"], want)
+
+
+@pytest.mark.parametrize("preset", ["signmuon", "muonserver", "ef21muon"])
+def test_float32_state_of_bfloat16_parameters_keeps_simulated_ranks_bitwise_equal(preset):
+    torch.manual_seed(0)
+    base = TinyGPT().to(torch.bfloat16)
+
+    def rank(r, comm):
+        model = copy.deepcopy(base)
+        opt = build_optimizer(model, _float32_state(preset), process_group=comm)
+        train(model, opt, [10 * r, 10 * r + 1])
+        return params(model)
+
+    first, *others = commlmo.simulate(3, rank)
+    assert all(same(first, o) for o in others)
