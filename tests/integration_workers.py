@@ -185,26 +185,24 @@ def with_buffers() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.BatchNorm1d(3))
 
 
-def _config_error(call) -> str | None:
-    """The ``ConfigError`` message of ``call()``, or ``None``."""
+def _error_message(call, kind: str = "ConfigError") -> str | None:
+    """The message of the ``commlmo.<kind>`` that ``call()`` raises, or ``None`` when it returns."""
     import commlmo
 
     try:
         call()
-    except commlmo.ConfigError as exc:
+    except getattr(commlmo, kind) as exc:
         return str(exc)
     return None
+
+
+def _config_error(call) -> str | None:
+    return _error_message(call, "ConfigError")
 
 
 def _refused(step) -> str | None:
     """The ``DistributedError`` message of ``step()``, or ``None`` when it stepped."""
-    import commlmo
-
-    try:
-        step()
-    except commlmo.DistributedError as exc:
-        return str(exc)
-    return None
+    return _error_message(step, "DistributedError")
 
 
 def torch_loop(tmp: Path, rank: int, early: tuple[torch.nn.Module, Any]) -> dict:
