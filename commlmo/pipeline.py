@@ -290,7 +290,7 @@ class GroupRuntime:
         keeps none of the aggregator's and downlink's owner-only state (EF21's ``g``, EF21-P's model)."""
         if state:  # already initialised (stateless groups re-run this no-op every step)
             return
-        if self.config.state_dtype == "float32" and p.is_floating_point() and p.dtype != torch.float32:
+        if self.config.state_dtype == "float32" and p.dtype in (torch.bfloat16, torch.float16):
             p = p.detach().to(torch.float32)  # the state's template: its values (EF21-P's model) and dtype
         if self.config.momentum is not None:
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)

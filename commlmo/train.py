@@ -58,7 +58,8 @@ from typing import Any
 
 from .checkpoint import CHECKPOINTS, comparable_config, config_changes, latest_common, may_change, resume_command
 from .errors import CommlmoError, ConfigError, DistributedError
-from .launch import Interrupted, default_backend, init_from_env, launch, launched_by_torchrun, leave_group, restart_count
+from .launch import (Interrupted, default_backend, init_from_env, launch, launched_by_torchrun, leave_group,
+                     restart_count)
 from .metrics import RunResult, best_eval, compare_table, default_target, load_run, run_table
 from .runconfig import TASKS, RunConfig, is_run_config, load_run_config
 from .tasks import shard_size
