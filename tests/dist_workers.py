@@ -40,3 +40,20 @@ def run_configs(rank: int, world_size: int, configs: dict):
     """Spawned entry point: every config in turn on the real process group."""
     assert dist.is_initialized() and dist.get_world_size() == world_size
     return {name: train(cfg, rank) for name, cfg in configs.items()}
+
+
+def run_bfloat16(rank: int, world_size: int, configs: dict):
+    """Spawned entry point: every config on bfloat16 parameters and gradients; the parameters after
+    ``STEPS`` steps and the dtypes of the floating-point state."""
+    out = {}
+    for name, cfg in configs.items():
+        params = {n: torch.nn.Parameter(t.to(torch.bfloat16)) for n, t in initial_params().items()}
+        opt = build_optimizer(list(params.items()), cfg)
+        for step in range(STEPS):
+            for n, g in grads_for(rank, step).items():
+                params[n].grad = g.to(torch.bfloat16)
+            opt.step()
+        out[name] = {"params": {n: p.detach().clone() for n, p in params.items()},
+                     "state": sorted({str(v.dtype) for s in opt.state.values() for v in s.values()
+                                      if torch.is_tensor(v) and v.is_floating_point()})}
+    return out

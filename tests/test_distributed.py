@@ -155,3 +155,16 @@ def test_the_owner_server_role_equals_the_replicated_one_bitwise(world, name):
     for rank in range(m):
         for step in range(STEPS):
             assert _equal(real[rank][f"{name}_owner"]["history"][step], real[rank][name]["history"][step]), (rank, step)
+
+
+def test_bfloat16_parameters_with_float32_state_agree_bitwise_on_real_ranks():
+    from dist_workers import run_bfloat16
+
+    configs = {p: {"preset": p, "groups": {g.name: {"state_dtype": "float32"} for g in commlmo.load_config(p).groups}}
+               for p in ("signmuon", "muonserver", "ef21muon")}
+    first, *others = spawn(run_bfloat16, 3, configs, timeout_s=240)
+    for name in configs:
+        assert first[name]["state"] == ["torch.float32"], name
+        assert all(p.dtype == torch.bfloat16 for p in first[name]["params"].values())
+        for other in others:
+            assert _equal(first[name]["params"], other[name]["params"]), name
