@@ -27,9 +27,9 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from commlmo.plugin import PluginConfig, Rule, RuleCapabilities, host_reads_free
+from commlmo.plugin import PluginConfig, Rule, RuleCapabilities
 
-from ._common import Beta
+from ._common import Beta, random_signs_at_zeros
 
 __all__ = ["Lion"]
 
@@ -58,12 +58,6 @@ class Lion(Rule):
         zeros = update == 0
         if self.config.zero == "positive":
             update.masked_fill_(zeros, 1)
-        elif host_reads_free(update):  # draw one coin per zero: the count is a free read on the CPU
-            count = int(zeros.sum())
-            if count:
-                coins = torch.randint(0, 2, (count,), generator=generator, device=update.device)
-                update[zeros] = (2 * coins - 1).to(update.dtype)
-        else:  # no host read: a coin for every entry, used where the entry is zero
-            coins = torch.randint(0, 2, update.shape, generator=generator, device=update.device)
-            update = torch.where(zeros, (2 * coins - 1).to(update.dtype), update)
+        else:
+            update = random_signs_at_zeros(update, zeros, generator)
         return update, {"lion_momentum": m.lerp(g, 1 - b2)}

@@ -8,9 +8,9 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from commlmo.plugin import LMO, LMOCapabilities, PluginConfig, host_reads_free
+from commlmo.plugin import LMO, LMOCapabilities, PluginConfig
 
-from ._common import accumulation_dtype
+from ._common import accumulation_dtype, random_signs_at_zeros
 
 __all__ = ["Sign"]
 
@@ -50,21 +50,16 @@ class Sign(LMO):
         zeros = d == 0
         if self.config.zero == "positive":
             return d.masked_fill_(zeros, 1)
-        if generator is not None and not host_reads_free(d):  # no host read: a coin for every entry
-            coins = torch.randint(0, 2, d.shape, generator=generator, device=generator.device).to(d.device)
-            return torch.where(zeros, (2 * coins - 1).to(d.dtype), d)
+        if generator is not None:
+            return random_signs_at_zeros(d, zeros, generator)
         count = int(zeros.sum())
         if count == 0:
             return d
-        if generator is None:
-            raise ValueError(
-                f"sign LMO with zero='random' found {count} exact zero(s) in a tensor of shape "
-                f"{tuple(g.shape)} and needs a torch.Generator to draw their signs; pass "
-                "generator=..., or configure zero: 'positive' or 'keep'"
-            )
-        coins = torch.randint(0, 2, (count,), generator=generator, device=generator.device)
-        d[zeros] = (2 * coins - 1).to(device=d.device, dtype=d.dtype)
-        return d
+        raise ValueError(
+            f"sign LMO with zero='random' found {count} exact zero(s) in a tensor of shape "
+            f"{tuple(g.shape)} and needs a torch.Generator to draw their signs; pass "
+            "generator=..., or configure zero: 'positive' or 'keep'"
+        )
 
     def norm(self, d: Tensor) -> Tensor:
         """Max norm (l-infinity): the largest absolute entry."""
