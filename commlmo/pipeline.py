@@ -237,6 +237,11 @@ class GroupRuntime:
         )
         return rt
 
+    @property
+    def builtin_aggregator(self) -> bool:
+        """Whether the aggregator is one of commlmo's own, whose output its contract kit pins."""
+        return type(self.aggregator).__module__.split(".")[0] == "commlmo_aggregators"
+
     # ------------------------------------------------------------------ plan
     def view_of(self, p: Tensor):
         """The view of ``p``: the group's, or (``auto``) the one the module tree gave it (a local shard's: its spec's)."""
@@ -327,7 +332,7 @@ class GroupRuntime:
         cfg = self.config
         rule = rule or self.rule
         # a third-party aggregator's output is checked after the momentum is used: keep it out of place then
-        in_place = in_place and type(self.aggregator).__module__.split(".")[0] == "commlmo_aggregators"
+        in_place = in_place and self.builtin_aggregator
         if self.sharding is not None:  # FSDP2: the pipeline runs on this rank's rows (commlmo.sharding)
             params, grads, states = self.sharding.localize(params, grads, states)
         for p, s, i in zip(params, states, positions):
@@ -410,8 +415,7 @@ class GroupRuntime:
             aggregates = self._combine(b, comm)
             # finiteness costs a pass and a host read: every step for third-party aggregators,
             # at the first (and every verify_every) step for the built-ins, which their contract kit pins
-            builtin = type(self.aggregator).__module__.split(".")[0] == "commlmo_aggregators"
-            self._check_aggregates(aggregates, params, names, finite=check_agreement or not builtin)
+            self._check_aggregates(aggregates, params, names, finite=check_agreement or not self.builtin_aggregator)
         if check_agreement and comm.world_size > 1:
             self._check_agreement(aggregates, names, comm)
         directions, duals = self.server_step(b, aggregates)
