@@ -40,7 +40,7 @@ import json
 import math
 import os
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import chain
 from typing import Any
 
@@ -714,20 +714,27 @@ class CommOptimizer(torch.optim.Optimizer):
         Under ``torch.amp.GradScaler`` the scaler's own ``found_inf`` is the flag, and gradients
         still scaled (``grad_scale``) are unscaled here first (``unscale``: not done already this step).
         """
+        def flags_of(grads: list[Tensor]) -> Tensor:
+            flags = torch.zeros(len(_FLAGS), dtype=torch.uint8, device=device)
+            found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
+            if unscale and isinstance(grad_scale, Tensor):  # GradScaler.step without unscale_: still scaled
+                inv = grad_scale.double().reciprocal().float()
+                for g in grads:
+                    g.mul_(inv.to(g.device))
+            if isinstance(found_inf, Tensor):
+                flags[1] = (found_inf.reshape(()).to(device) > 0).to(torch.uint8)
+            else:
+                flags[0] = _maybe_nonfinite(grads, device).to(torch.uint8)
+            return flags
+
+        return self._on_own_rows(grads, flags_of)
+
+    def _on_own_rows(self, grads: list[Tensor], check: Callable[[list[Tensor]], Tensor]) -> Tensor:
+        """``check(grads)``; under FSDP2 each rank checks its own rows and the shard group agrees (max) first."""
         sharding = getattr(self, "_sharding", None)
-        if sharding is not None:  # FSDP2: each rank checks its rows, and the shard group agrees first
-            grads = sharding.local_grads(grads)
-        flags = torch.zeros(len(_FLAGS), dtype=torch.uint8, device=device)
-        found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
-        if unscale and isinstance(grad_scale, Tensor):  # GradScaler.step without unscale_: still scaled
-            inv = grad_scale.double().reciprocal().float()
-            for g in grads:
-                g.mul_(inv.to(g.device))
-        if isinstance(found_inf, Tensor):
-            flags[1] = (found_inf.reshape(()).to(device) > 0).to(torch.uint8)
-        else:
-            flags[0] = _maybe_nonfinite(grads, device).to(torch.uint8)
-        return sharding.agree(flags) if sharding is not None else flags
+        if sharding is None:
+            return check(grads)
+        return sharding.agree(check(sharding.local_grads(grads)))
 
     def _agree(self, entries: list[tuple[str, Tensor]], flag: Tensor, present: list[bool],
                extra: int = 0) -> tuple[int, list[int]]:
@@ -744,13 +751,8 @@ class CommOptimizer(torch.optim.Optimizer):
         self.comm.all_max_(flags, label="step_agreement")
         out = flags.tolist()
         if out[0]:
-            grads = [p.grad for _, p in entries if p.grad is not None]
-            sharding = getattr(self, "_sharding", None)
-            if sharding is not None:  # FSDP2: each rank checks its own rows, the shard group agrees first
-                grads = sharding.local_grads(grads)
-            again = _nonfinite(grads, device).reshape(1).to(torch.uint8)
-            if sharding is not None:
-                again = sharding.agree(again)
+            again = self._on_own_rows([p.grad for _, p in entries if p.grad is not None],
+                                      lambda grads: _nonfinite(grads, device).reshape(1).to(torch.uint8))
             self.comm.all_max_(again, label="step_agreement")
             out[0] = int(again.tolist()[0])
         n = len(_FLAGS)
