@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from .plugin import Payload
-from .transport import as_bytes, bytes_per_rank, cut
+from .transport import as_bytes, bytes_per_rank, cat_bytes, cut
 
 if TYPE_CHECKING:
     from .comm import Communicator
@@ -178,8 +178,7 @@ def send_to_owners(payloads: Sequence[Payload], owners: Sequence[int], comm: Com
     mine = [j for j, o in enumerate(owners) if o == me]
     recv = [sum(sizes[j] for j in mine)] * m
     pieces = [as_bytes(w) for r in range(m) for p, o in zip(payloads, owners) if o == r for w in p.wire]
-    device = payloads[0].wire[0].device if payloads else torch.device("cpu")
-    flat = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.uint8, device=device)
+    flat = cat_bytes(pieces, payloads[0].wire[0].device if payloads else "cpu")
     pending = comm.all_to_all_v(flat, send, recv, label=label, async_op=True)
     yield
     rows = pending.wait()
@@ -195,8 +194,7 @@ def share_from_owners(outgoing: dict[int, Payload], like: Sequence[Payload], own
     m, me = comm.world_size, comm.rank
     per_owner = [sum(like[j].nbytes for j, o in enumerate(owners) if o == r) for r in range(m)]
     pieces = [as_bytes(w) for j in sorted(outgoing) for w in outgoing[j].wire]
-    device = like[0].wire[0].device if like else torch.device("cpu")
-    flat = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.uint8, device=device)
+    flat = cat_bytes(pieces, like[0].wire[0].device if like else "cpu")
     received = comm.all_to_all_v(flat.repeat(m), [per_owner[me]] * m, per_owner, label=label)
     cursor = [0] * m
     out = []

@@ -67,7 +67,7 @@ from .comm import Communicator, LocalComm, TorchComm, make_communicator
 from .config import ViewConfig
 from .errors import ConfigError, DistributedError
 from .owner import owners_by_size
-from .transport import as_bytes
+from .transport import as_bytes, cat_bytes
 
 if TYPE_CHECKING:
     from .plugin import LMO
@@ -439,7 +439,7 @@ def _on_owners(lmo: LMO, vectors: list[Tensor], specs: list[ShardSpec], generato
     pieces = [as_bytes(vectors[j]) for k in range(m) for j in range(len(specs)) if owners[j] == k]
     send = [sum(nbytes[j][me] for j in range(len(specs)) if owners[j] == k) for k in range(m)]
     recv = [sum(nbytes[j][k] for j in mine) for k in range(m)]
-    got = comm.all_to_all_v(_cat(pieces, vectors[0].device), send, recv, label=f"shard/{group}/gather")
+    got = comm.all_to_all_v(cat_bytes(pieces, vectors[0].device), send, recv, label=f"shard/{group}/gather")
     fulls, cursor = [], [0] * m
     for j in mine:
         parts = []
@@ -453,7 +453,7 @@ def _on_owners(lmo: LMO, vectors: list[Tensor], specs: list[ShardSpec], generato
     pieces = [as_bytes(dirs[j].narrow(0, specs[j].offset(k), specs[j].rows[k])) for k in range(m) for j in mine]
     send = [sum(nbytes[j][k] for j in mine) for k in range(m)]
     recv = [sum(nbytes[j][me] for j in range(len(specs)) if owners[j] == k) for k in range(m)]
-    back = comm.all_to_all_v(_cat(pieces, vectors[0].device), send, recv, label=f"shard/{group}/scatter")
+    back = comm.all_to_all_v(cat_bytes(pieces, vectors[0].device), send, recv, label=f"shard/{group}/scatter")
     out, cursor = [], [0] * m
     for j, (s, o) in enumerate(zip(specs, owners)):
         if o == me:
@@ -463,10 +463,6 @@ def _on_owners(lmo: LMO, vectors: list[Tensor], specs: list[ShardSpec], generato
                    .view(vectors[j].shape))
         cursor[o] += nbytes[j][me]
     return out
-
-
-def _cat(pieces: list[Tensor], device: Any) -> Tensor:
-    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.uint8, device=device)
 
 
 def sent_by_link(book: dict[str, dict[str, int]]) -> dict[str, int]:

@@ -33,7 +33,8 @@ from .comm import Communicator
 from .plugin import Compressor, Payload
 
 __all__ = [
-    "owner_sum", "dense_sum", "sum_by_dtype", "gather_payloads", "mean_of_payloads", "as_bytes", "Transport",
+    "owner_sum", "dense_sum", "sum_by_dtype", "gather_payloads", "mean_of_payloads", "as_bytes", "cat_bytes",
+    "Transport",
     "bytes_per_rank", "run", "Started", "Steps", "mean_steps", "gather_steps", "sum_steps",
 ]
 
@@ -72,6 +73,11 @@ class Started:
 def as_bytes(t: Tensor) -> Tensor:
     """A flat ``uint8`` view of ``t``'s bytes (copying only if ``t`` is not contiguous)."""
     return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def cat_bytes(pieces: Sequence[Tensor], device: torch.device | str) -> Tensor:
+    """The ``uint8`` pieces end to end (an empty ``uint8`` tensor on ``device`` when there are none)."""
+    return torch.cat(list(pieces)) if pieces else torch.zeros(0, dtype=torch.uint8, device=device)
 
 
 def _pad(t: Tensor, multiple: int) -> Tensor:
